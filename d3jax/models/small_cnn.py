@@ -1,0 +1,45 @@
+"""A small, fast CNN for tests, the demo and CPU-scale experiments (not in BackdoorBench).
+
+BackdoorBench has no small or 1-channel classifier (spec §3.3, "MNIST"); this one fills that
+gap. It is a conventional VGG-style net with the same layer conventions as PreAct-ResNet18
+(spec §3.2: PyTorch default init, BatchNorm momentum 0.1 in PyTorch terms, symmetric padding).
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from d3jax.models.preact_resnet import (batch_norm, check_images, conv3x3, kaiming_uniform,
+                                        linear_bias_init)
+
+
+class SmallCNN(nn.Module):
+  """Four 3×3 conv-BN-ReLU layers in two stages, global average pooling, a ``linear`` head.
+
+  conv1, conv2 (width) → maxpool 2 → conv3, conv4 (2·width) → maxpool 2 → global average
+  pool → ``linear``. Convs have no bias (BN follows). Works on any H, W ≥ 4 and any channel
+  count (MNIST 28×28×1, digits 16×16×1, CIFAR 32×32×3). Width 32 on 28×28×1 with 10 classes
+  has 65,834 trainable parameters.
+
+  Attributes:
+    num_classes: number of output logits C.
+    width: channels of the first stage; the second stage has 2·width.
+  """
+
+  num_classes: int
+  width: int = 32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Maps normalized NHWC float images to logits (N, num_classes)."""
+    check_images(x, 4, "small_cnn")
+    features = (self.width, self.width, 2 * self.width, 2 * self.width)
+    for index, channels in enumerate(features, start=1):
+      x = conv3x3(channels, 1, f"conv{index}")(x)
+      x = nn.relu(batch_norm(train, f"bn{index}")(x))
+      if index % 2 == 0:
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, kernel_init=kaiming_uniform,
+                    bias_init=linear_bias_init(x.shape[-1]), name="linear")(x)

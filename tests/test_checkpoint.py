@@ -1,0 +1,154 @@
+"""Tests of d3jax.checkpoint: run directories with JSON and orbax checkpoints, no pickle."""
+import json
+import pickle
+import pickletools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from d3jax import checkpoint
+
+
+class TinyNet(nn.Module):
+  width: int = 8
+  num_classes: int = 3
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(self.width)(x)))
+    return nn.Dense(self.num_classes)(x)
+
+
+def _init(model, seed=0):
+  return model.init(jax.random.key(seed), jnp.ones((2, 4)))
+
+
+def _trained_like(variables):
+  """Variables whose batch stats differ from init, so a restore cannot pass by accident."""
+  return jax.tree.map(lambda v: v + 0.25, variables)
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _is_pickle(data: bytes) -> bool:
+  """True when ``data`` parses as one complete pickle (parsed with pickletools; never loaded)."""
+  try:
+    ops = list(pickletools.genops(data))
+  except Exception:  # pylint: disable=broad-except  # anything unparsable is not a pickle
+    return False
+  return bool(ops) and ops[-1][0].name == "STOP"
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+  variables = _trained_like(_init(TinyNet()))
+  run_dir = checkpoint.save_run(tmp_path / "run", variables, config={"width": 8},
+                                metrics={"acc": 0.5})
+  assert run_dir == (tmp_path / "run").absolute()
+  restored = checkpoint.load_variables(run_dir, _init(TinyNet(), seed=1))
+  _assert_trees_equal(restored, variables)
+  assert set(restored) == {"params", "batch_stats"}
+
+
+def test_restore_into_shape_dtype_structs(tmp_path):
+  model = TinyNet()
+  variables = _trained_like(_init(model))
+  checkpoint.save_run(tmp_path, variables, config={})
+  like = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((2, 4)))
+  assert isinstance(jax.tree.leaves(like)[0], jax.ShapeDtypeStruct)
+  restored, config, metrics = checkpoint.load_run(tmp_path, like)
+  _assert_trees_equal(restored, variables)
+  assert config == {} and metrics is None
+  x = jnp.linspace(-1, 1, 8).reshape(2, 4)
+  np.testing.assert_array_equal(model.apply(restored, x), model.apply(variables, x))
+
+
+def test_json_contents(tmp_path):
+  config = {"lr": np.float32(0.5), "steps": jnp.int32(7), "name": "d3",
+            "nested": {"b": 1, "a": [True, None]}, "shape": (2, 3)}
+  checkpoint.save_run(tmp_path, _init(TinyNet()), config=config, metrics={"acc": jnp.float32(0.25)})
+  text = (tmp_path / "config.json").read_text()
+  assert json.loads(text) == {"lr": 0.5, "steps": 7, "name": "d3",
+                              "nested": {"a": [True, None], "b": 1}, "shape": [2, 3]}
+  assert text.index('"lr"') < text.index('"name"') < text.index('"nested"')
+  assert '\n  "lr": 0.5,' in text  # indent 2
+  assert checkpoint.load_json(tmp_path, "metrics.json") == {"acc": 0.25}
+  checkpoint.save_json(tmp_path / "extra.json", {"z": np.int64(3), "y": np.bool_(True)})
+  assert checkpoint.load_json(tmp_path, "extra.json") == {"y": True, "z": 3}
+
+
+def test_non_json_value_raises_before_writing(tmp_path):
+  with pytest.raises(TypeError, match="config/optim/schedule"):
+    checkpoint.save_run(tmp_path / "run", _init(TinyNet()),
+                        config={"optim": {"schedule": lambda step: step}})
+  with pytest.raises(TypeError, match=r"metrics/per_class.*tolist"):
+    checkpoint.save_run(tmp_path / "run", _init(TinyNet()), config={},
+                        metrics={"per_class": np.ones(3)})
+  assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_same_name(tmp_path):
+  checkpoint.save_run(tmp_path, _init(TinyNet()), config={}, metrics={"acc": 0.1})
+  newer = _trained_like(_init(TinyNet(), seed=2))
+  checkpoint.save_run(tmp_path, newer, config={"round": 2})
+  restored, config, metrics = checkpoint.load_run(tmp_path, _init(TinyNet()))
+  _assert_trees_equal(restored, newer)
+  assert config == {"round": 2} and metrics == {"acc": 0.1}
+
+
+@pytest.mark.parametrize("other,expected", [
+    (TinyNet(width=16),  # leaves are compared in sorted path order; 7 leaves differ.
+     "batch_stats/BatchNorm_0/mean: saved shape (8,) vs expected (16,) (and 6 more differences)."),
+    (TinyNet(num_classes=10),
+     "params/Dense_1/bias: saved shape (3,) vs expected (10,) (and 1 more differences)."),
+])
+def test_mismatched_model_raises_clear_error(tmp_path, other, expected):
+  checkpoint.save_run(tmp_path, _init(TinyNet()), config={})
+  with pytest.raises(ValueError) as info:
+    checkpoint.load_variables(tmp_path, jax.eval_shape(lambda: _init(other)))
+  message = str(info.value)
+  assert message.startswith(f"checkpoint at {tmp_path / 'variables'} does not match the model: ")
+  assert expected in message
+
+
+def test_different_structure_raises(tmp_path):
+  variables = _init(TinyNet())
+  checkpoint.save_run(tmp_path, {"params": variables["params"]}, config={})
+  with pytest.raises(ValueError, match="batch_stats/BatchNorm_0/mean: missing from the checkpoint"):
+    checkpoint.load_variables(tmp_path, variables)
+
+
+def test_missing_paths_raise_file_not_found(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"no run directory at .*nope.*save_run"):
+    checkpoint.load_variables(tmp_path / "nope", _init(TinyNet()))
+  checkpoint.save_run(tmp_path, _init(TinyNet()), config={})
+  with pytest.raises(FileNotFoundError, match=r"no checkpoint 'best'.*\['variables'\].*save_run"):
+    checkpoint.load_run(tmp_path, _init(TinyNet()), name="best")
+  with pytest.raises(FileNotFoundError, match="metrics.json"):
+    checkpoint.load_json(tmp_path, "metrics.json")
+
+
+def test_run_dir_holds_no_pickle(tmp_path):
+  assert _is_pickle(pickle.dumps({"a": np.ones(2)}))  # the detector works
+  checkpoint.save_run(tmp_path, _trained_like(_init(TinyNet())), config={"a": 1},
+                      metrics={"acc": 0.9})
+  files = [p for p in tmp_path.rglob("*") if p.is_file()]
+  assert {"config.json", "metrics.json"} <= {p.name for p in files}
+  assert len(files) > 3
+  for path in files:
+    assert path.suffix not in (".pkl", ".pickle"), path
+    assert not _is_pickle(path.read_bytes()), path
+
+
+def test_relative_run_dir(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  variables = _init(TinyNet())
+  assert checkpoint.save_run("runs/a", variables, config={}) == tmp_path / "runs" / "a"
+  _assert_trees_equal(checkpoint.load_variables("runs/a", variables), variables)
