@@ -27,6 +27,7 @@ import optax
 from tqdm.auto import tqdm
 
 from d3jax.data.augment import augment, normalize
+from d3jax.optim.d3 import masked_mean
 
 PyTree = Any
 Hyperparams = Mapping[str, Any]
@@ -66,11 +67,6 @@ def init_variables(model: nn.Module, image_shape: tuple[int, ...], key: jax.Arra
   params_key, dropout_key = jax.random.split(key)
   dummy = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
   return dict(model.init({"params": params_key, "dropout": dropout_key}, dummy, train=False))
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  mask = mask.astype(values.dtype)
-  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def cosine_per_epoch(base_lr: Any, steps_per_epoch: int, t_max: int) -> optax.Schedule:
@@ -291,8 +287,9 @@ def predict_logits(model: nn.Module, variables: PyTree, images: np.ndarray, norm
                    batch_size: int = 500) -> np.ndarray:
   """Eval-mode logits (BN running statistics, no augmentation) in fixed-size batches."""
   images = jnp.asarray(images)
-  if images.dtype != jnp.uint8 or images.ndim != 4:
-    raise ValueError(f"images must be uint8 NHWC, got {images.dtype} with shape {images.shape}.")
+  if images.dtype != jnp.uint8 or images.ndim != 4 or images.shape[0] == 0:
+    raise ValueError(f"images must be a non-empty uint8 NHWC batch, got {images.dtype} with shape "
+                     f"{images.shape}.")
   batch_size = min(batch_size, images.shape[0])
   logits = _logits_in_batches(model, variables, images, jnp.asarray(normalization.mean),
                               jnp.asarray(normalization.std), batch_size)

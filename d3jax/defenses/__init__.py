@@ -10,7 +10,10 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from d3jax.data.dataset import validate_images, validate_labels
 
 from d3jax.defenses import d3, ft
 from d3jax.defenses.d3 import D3Config
@@ -50,11 +53,11 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   config used.
   """
   module, config = _lookup(name, config)
-  images, labels = np.asarray(images), np.asarray(labels)
-  if images.ndim != 4 or images.dtype != np.uint8 or labels.shape != images.shape[:1]:
-    raise ValueError(
-        f"the reserved set must be uint8 images (N, H, W, C) with N labels, got images "
-        f"{images.dtype}{images.shape} and labels {labels.shape}.")
+  images = np.asarray(images)
+  validate_images(images, "reserved set images")
+  num_classes = jax.eval_shape(
+      lambda: model.apply(variables, jnp.zeros((1,) + images.shape[1:]), train=False)).shape[-1]
+  labels = validate_labels(np.asarray(labels), num_classes, len(images), "reserved set labels")
   start = time.perf_counter()
   variables, losses = module.program(model, normalization, config).fit(
       variables, images, labels, module.hyperparams(config), key, desc=name, progress=progress)

@@ -73,6 +73,8 @@ def warm_start(params: Any, select: Any, method: str, norm: str, key: jax.Array)
   random: U(−0.5, 0.5) rescaled to ‖W0‖ (a random direction at the original norm); near: W0;
   middle: 0; far: −W0; noise: W0 + N(0, 1)·std(W0) (unbiased std).
   """
+  if method not in WARM_UPS:
+    raise ValueError(f"unknown warm_up {method!r}; choose one of {WARM_UPS}.")
   mask = optim.select_mask(params, select)
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
@@ -87,8 +89,10 @@ def warm_start(params: Any, select: Any, method: str, norm: str, key: jax.Array)
       out.append(jnp.zeros_like(leaf))
     elif method == "far":
       out.append(-leaf)
-    else:
+    elif method == "noise":
       out.append(leaf + jax.random.normal(leaf_key, leaf.shape, leaf.dtype) * jnp.std(leaf, ddof=1))
+    else:
+      raise AssertionError(method)
   return jax.tree.unflatten(treedef, out)
 
 

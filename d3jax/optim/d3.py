@@ -36,8 +36,13 @@ def clean_hinge(per_sample_loss: jax.Array, eps: ScalarOrArray, mask: jax.Array 
   hinge = jnp.maximum(per_sample_loss - eps, 0.0)
   if mask is None:
     return jnp.mean(hinge)
-  mask = mask.astype(hinge.dtype)
-  return jnp.sum(hinge * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return masked_mean(hinge, mask)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Mean of ``values`` where ``mask`` is True; masked entries (even NaN or inf) are ignored."""
+  total = jnp.sum(jnp.where(mask, values, 0.0))
+  return total / jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
 
 
 def loss_scale(lmd: ScalarOrArray) -> jax.Array:

@@ -7,6 +7,8 @@ as PyTorch defines it (spec §5.7, JAX note), never NaN.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -28,13 +30,27 @@ def as_matrix(x: jax.Array) -> jax.Array:
 
 
 def tensor_norm(x: jax.Array, norm: str) -> jax.Array:
-  """‖x‖ as a scalar: Frobenius (flattened L2), L1 (sum of |x|), or nuclear (sum of singular values)."""
+  """‖x‖ as a scalar: Frobenius (flattened L2), L1 (sum of |x|), or nuclear (sum of singular values).
+
+  Differentiating it gives :func:`norm_gradient` (0, not NaN, at x = 0).
+  """
   check_norm(norm)
+  return _tensor_norm(norm, x)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _tensor_norm(norm: str, x: jax.Array) -> jax.Array:
   if norm == "fro":
     return jnp.sqrt(jnp.sum(jnp.square(x)))
   if norm == "l1":
     return jnp.sum(jnp.abs(x))
   return jnp.sum(jnp.linalg.svd(as_matrix(x), compute_uv=False))
+
+
+@_tensor_norm.defjvp
+def _tensor_norm_jvp(norm: str, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+  (x,), (dx,) = primals, tangents
+  return _tensor_norm(norm, x), jnp.sum(norm_gradient(x, norm) * dx)
 
 
 def norm_gradient(x: jax.Array, norm: str) -> jax.Array:
