@@ -269,6 +269,28 @@ def supervised_hyperparams(learning_rate: float, weight_decay: float) -> Hyperpa
   return {"learning_rate": jnp.float32(learning_rate), "weight_decay": jnp.float32(weight_decay)}
 
 
+@dataclasses.dataclass(frozen=True)
+class SGDConfig:
+  """Settings of :func:`supervised` training; defaults are BackdoorBench's FT (spec §4.1)."""
+  epochs: int = 100
+  batch_size: int = 256
+  learning_rate: float = 0.01
+  momentum: float = 0.9
+  weight_decay: float = 5e-4
+  cosine_t_max: int = 100
+  crop_padding: int = 4
+  flip: bool = False
+  train_mode: bool = True
+
+  def program(self, model: nn.Module, normalization: Normalization) -> FineTune:
+    return supervised(model, normalization, epochs=self.epochs, batch_size=self.batch_size,
+                      momentum=self.momentum, cosine_t_max=self.cosine_t_max,
+                      crop_padding=self.crop_padding, flip=self.flip, train_mode=self.train_mode)
+
+  def hyperparams(self) -> Hyperparams:
+    return supervised_hyperparams(self.learning_rate, self.weight_decay)
+
+
 @functools.partial(jax.jit, static_argnames=("model", "batch_size"))
 def _logits_in_batches(model: nn.Module, variables: PyTree, images: jax.Array, mean: jax.Array,
                        std: jax.Array, batch_size: int) -> jax.Array:

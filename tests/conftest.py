@@ -7,6 +7,9 @@ import jax
 import numpy as np
 import pytest
 
+from d3jax import train
+from d3jax.models import get_model
+
 
 @pytest.fixture(scope="session")
 def rbg_key():
@@ -28,3 +31,15 @@ def digits():
   """The embedded digits dataset (16×16×1 uint8, 1433 train / 364 test), seed 0."""
   from d3jax.data import load_dataset
   return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def model():
+  """A width-4 small CNN for 10 classes (tiny and fast to compile)."""
+  return get_model("small_cnn", 10, width=4)
+
+
+@pytest.fixture(scope="session")
+def variables(model, rbg_key):
+  """Fresh variables of ``model`` for 8×8×1 images."""
+  return train.init_variables(model, (8, 8, 1), rbg_key)

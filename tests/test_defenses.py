@@ -20,16 +20,6 @@ NORM = train.Normalization((0.5,), (0.5,))
 HEAD = "linear/kernel"
 
 
-@pytest.fixture(scope="module")
-def model():
-  return get_model("small_cnn", 10, width=4)
-
-
-@pytest.fixture(scope="module")
-def variables(model, rbg_key):
-  return train.init_variables(model, (8, 8, 1), rbg_key)
-
-
 def _head(variables):
   return np.asarray(variables["params"]["linear"]["kernel"])
 

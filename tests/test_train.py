@@ -15,16 +15,6 @@ from d3jax.models import get_model
 NORM = train.Normalization((0.5,), (0.5,))
 
 
-@pytest.fixture(scope="module")
-def model():
-  return get_model("small_cnn", 10, width=4)
-
-
-@pytest.fixture(scope="module")
-def variables(model, rbg_key):
-  return train.init_variables(model, (8, 8, 1), rbg_key)
-
-
 def _leaves_close(a, b, rtol=1e-4, atol=1e-6):
   jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol,
                                                        atol=atol), a, b)

@@ -16,20 +16,13 @@ import jax
 import numpy as np
 
 from d3jax.attacks.poison import PoisonedSet
-from d3jax.train import Normalization, init_variables, supervised, supervised_hyperparams
+from d3jax.train import Normalization, SGDConfig, init_variables
 
 
 @dataclasses.dataclass(frozen=True)
-class AttackTrainConfig:
-  """The BackdoorBench CIFAR-10 training recipe (spec §3.1), except ``epochs`` (paper: 100)."""
-  epochs: int = 100
+class AttackTrainConfig(SGDConfig):
+  """The BackdoorBench CIFAR-10 training recipe (spec §3.1): as FT's, at batch 128."""
   batch_size: int = 128
-  learning_rate: float = 0.01
-  momentum: float = 0.9
-  weight_decay: float = 5e-4
-  cosine_t_max: int = 100
-  crop_padding: int = 4
-  flip: bool = False
 
 
 def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Normalization,
@@ -43,8 +36,5 @@ def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Nor
   if variables is None:
     variables = init_variables(model, poisoned.x.shape[1:], init_key)
 
-  program = supervised(model, normalization, epochs=config.epochs, batch_size=config.batch_size,
-                       momentum=config.momentum, cosine_t_max=config.cosine_t_max,
-                       crop_padding=config.crop_padding, flip=config.flip)
-  hparams = supervised_hyperparams(config.learning_rate, config.weight_decay)
-  return program.fit(variables, poisoned.x, poisoned.y, hparams, train_key, desc=desc, progress=progress)
+  return config.program(model, normalization).fit(variables, poisoned.x, poisoned.y, config.hyperparams(),
+                                                  train_key, desc=desc, progress=progress)

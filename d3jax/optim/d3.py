@@ -14,7 +14,7 @@ on its reference norm (spec §5.7 step 4; momentum buffers untouched).
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +60,24 @@ def distance(params: PyTree, reference: PyTree, select: Selection, norm: str = "
   return jnp.sum(jnp.stack(terms))
 
 
+def params_aware(rewrite: Callable[[PyTree, PyTree], PyTree]) -> base.GradientTransformation:
+  """A stateless transformation whose ``update`` rewrites the updates using the params.
+
+  The pattern of ``optax.keep_params_nonnegative``: called without params it raises optax's
+  no-params error.
+  """
+  def init_fn(params):
+    del params
+    return base.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(base.NO_PARAMS_MSG)
+    return rewrite(updates, params), state
+
+  return base.GradientTransformation(init_fn, update_fn)
+
+
 def distance_ascent(reference: PyTree, select: Selection, lmd: ScalarOrArray = 10.0,
                     norm: str = "fro") -> base.GradientTransformation:
   """Maps the clean-loss gradient g to the gradient of the D3 objective.
@@ -71,13 +89,7 @@ def distance_ascent(reference: PyTree, select: Selection, lmd: ScalarOrArray = 1
   check_norm(norm)
   mask = select_mask(reference, select)
 
-  def init_fn(params):
-    del params
-    return base.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(base.NO_PARAMS_MSG)
+  def rewrite(updates, params):
     scale = jnp.asarray(lmd, jnp.float32) / loss_scale(lmd)
     inv_s = 1.0 / loss_scale(lmd)
 
@@ -86,9 +98,9 @@ def distance_ascent(reference: PyTree, select: Selection, lmd: ScalarOrArray = 1
         return (scale * g).astype(g.dtype)
       return (scale * g - inv_s * norm_gradient(p - r, norm)).astype(g.dtype)
 
-    return jax.tree.map(one, updates, params, reference, mask), state
+    return jax.tree.map(one, updates, params, reference, mask)
 
-  return base.GradientTransformation(init_fn, update_fn)
+  return params_aware(rewrite)
 
 
 def project_norm(reference: PyTree, select: Selection, norm: str = "fro") -> base.GradientTransformation:
@@ -102,14 +114,7 @@ def project_norm(reference: PyTree, select: Selection, norm: str = "fro") -> bas
   mask = select_mask(reference, select)
   targets = jax.tree.map(lambda r, m: tensor_norm(r, norm) if m else None, reference, mask)
 
-  def init_fn(params):
-    del params
-    return base.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError(base.NO_PARAMS_MSG)
-
+  def rewrite(updates, params):
     def one(u, p, target, selected):
       if not selected:
         return u
@@ -118,9 +123,9 @@ def project_norm(reference: PyTree, select: Selection, norm: str = "fro") -> bas
       factor = jnp.where(length > 0, target / jnp.where(length > 0, length, 1.0), 1.0)
       return (moved * factor - p).astype(u.dtype)
 
-    return jax.tree.map(one, updates, params, targets, mask, is_leaf=lambda x: x is None), state
+    return jax.tree.map(one, updates, params, targets, mask, is_leaf=lambda x: x is None)
 
-  return base.GradientTransformation(init_fn, update_fn)
+  return params_aware(rewrite)
 
 
 def d3(reference: PyTree, select: Selection, learning_rate: optax.ScalarOrSchedule,
