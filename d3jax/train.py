@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from d3jax.data.augment import augment, normalize
 from d3jax.optim.d3 import masked_mean
