@@ -201,13 +201,15 @@ class FineTune:
 
   def fit(self, variables: PyTree, images: np.ndarray, labels: np.ndarray, hparams: Hyperparams,
           key: jax.Array, *, desc: str = "train", progress: bool = True,
-          callback: Callable[[int, PyTree, float], None] | None = None) -> tuple[PyTree, np.ndarray]:
+          callback: Callable[[int, PyTree, float], None] | None = None,
+          host_loop: bool | None = None) -> tuple[PyTree, np.ndarray]:
     """The computation of :meth:`run`, driven from the host with a progress bar and a NaN check.
 
     On accelerators each epoch is one jitted ``lax.scan``. On the CPU backend the same jitted
     step is called once per batch instead: XLA:CPU runs convolutions inside loop bodies an order
     of magnitude slower than outside them (jax-ml/jax#12868; measured here: 1.70 s vs 0.12 s
     per small-CNN step), so a host loop is the fast way there. Both give the same updates.
+    ``host_loop`` overrides that choice (None: host loop exactly on CPU).
     ``callback(epoch, variables, loss)`` runs on the host after every epoch.
 
     Raises:
@@ -219,14 +221,15 @@ class FineTune:
     state = jax.jit(self.init, static_argnums=2)(variables, hparams, n, init_key)
     reference = variables["params"]
     on_cpu = jax.default_backend() == "cpu"
+    host_loop = on_cpu if host_loop is None else host_loop
     # Donation saves a copy of the state on accelerators; the CPU backend cannot use it.
-    epoch_fn = jax.jit(self.epoch, donate_argnums=0) if not on_cpu else None
-    step_fn = jax.jit(self.step) if on_cpu else None
+    epoch_fn = jax.jit(self.epoch, donate_argnums=() if on_cpu else 0)
+    step_fn = jax.jit(self.step)
     plan_fn = jax.jit(self.plan, static_argnums=0)
     losses = []
     bar = tqdm(jax.random.split(epochs_key, self.epochs), desc=desc, disable=not progress, leave=False)
     for index, epoch_key in enumerate(bar):
-      if on_cpu:
+      if host_loop:
         batches = zip(*plan_fn(n, epoch_key))
         step_losses = []
         for batch in batches:
