@@ -1,9 +1,11 @@
 """d3jax: Distance-Driven Detoxification (D3) and post-training backdoor defenses in JAX/Flax.
 
 Subpackages: ``data``, ``models``, ``attacks``, ``optim`` (the D3 optax transforms),
-``defenses``; modules ``train`` (the jitted engine), ``metrics``, ``checkpoint``, ``pipeline``.
+``defenses``; modules ``train`` (the jitted engine), ``sweep`` (grids trained at once),
+``metrics``, ``checkpoint``, ``pipeline``.
 """
 from d3jax import attacks, checkpoint, data, defenses, metrics, models, optim, train
+from d3jax.sweep import sweep
 from d3jax.defenses import D3Config, FTConfig, defend, defense_run
 from d3jax.metrics import der
 from d3jax.optim import d3
@@ -11,4 +13,4 @@ from d3jax.optim import d3
 __version__ = "0.1.0"
 
 __all__ = ["D3Config", "FTConfig", "attacks", "checkpoint", "d3", "data", "defend", "defense_run",
-           "defenses", "der", "metrics", "models", "optim", "train"]
+           "defenses", "der", "metrics", "models", "optim", "sweep", "train"]

@@ -23,7 +23,7 @@ from d3jax.train import Hyperparams, Normalization
 DEFENSES: dict[str, tuple[ModuleType, type]] = {"ft": (ft, FTConfig), "d3": (d3, D3Config)}
 
 
-def _lookup(name: str, config: Any) -> tuple[ModuleType, Any]:
+def lookup(name: str, config: Any) -> tuple[ModuleType, Any]:
   if name not in DEFENSES:
     raise ValueError(f"unknown defense {name!r}; available: {sorted(DEFENSES)}.")
   module, config_type = DEFENSES[name]
@@ -33,6 +33,16 @@ def _lookup(name: str, config: Any) -> tuple[ModuleType, Any]:
   return module, config
 
 
+def check_reserved(model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """Validates the reserved set (uint8 NHWC images, labels in [0, C) of the model's C)."""
+  images = np.asarray(images)
+  validate_images(images, "reserved set images")
+  num_classes = jax.eval_shape(
+      lambda: model.apply(variables, jnp.zeros((1,) + images.shape[1:]), train=False)).shape[-1]
+  return images, validate_labels(np.asarray(labels), num_classes, len(images), "reserved set labels")
+
+
 def defense_run(name: str, model: nn.Module, normalization: Normalization, config: Any = None
                 ) -> tuple[Callable[..., tuple[Any, jax.Array]], Hyperparams]:
   """A whole defense as ``run(variables, images, labels, hparams, key) -> (variables, losses)``.
@@ -40,7 +50,7 @@ def defense_run(name: str, model: nn.Module, normalization: Normalization, confi
   ``run`` is pure: ``jax.vmap`` it over any of the hyperparameters (a dict of arrays; the second
   return value holds the config's defaults), over keys, or over both.
   """
-  module, config = _lookup(name, config)
+  module, config = lookup(name, config)
   return module.program(model, normalization, config).run, module.hyperparams(config)
 
 
@@ -52,12 +62,8 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   Returns the defended variables and a log: per-epoch training losses, the wall time, and the
   config used.
   """
-  module, config = _lookup(name, config)
-  images = np.asarray(images)
-  validate_images(images, "reserved set images")
-  num_classes = jax.eval_shape(
-      lambda: model.apply(variables, jnp.zeros((1,) + images.shape[1:]), train=False)).shape[-1]
-  labels = validate_labels(np.asarray(labels), num_classes, len(images), "reserved set labels")
+  module, config = lookup(name, config)
+  images, labels = check_reserved(model, variables, images, labels)
   start = time.perf_counter()
   variables, losses = module.program(model, normalization, config).fit(
       variables, images, labels, module.hyperparams(config), key, desc=name, progress=progress)
@@ -66,4 +72,4 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["DEFENSES", "D3Config", "FTConfig", "defend", "defense_run"]
+__all__ = ["DEFENSES", "D3Config", "FTConfig", "check_reserved", "defend", "defense_run", "lookup"]
