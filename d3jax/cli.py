@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
   attack.add_argument("--epochs", type=int, default=8)
   attack.add_argument("--lr", type=float, default=0.05)
   attack.add_argument("--batch-size", type=int, default=128)
+  attack.add_argument("--flip", action="store_true", help="random horizontal flips (CIFAR-10, spec §1.3)")
   attack.add_argument("--seed", type=int, default=0)
 
   defend = commands.add_parser("defend", help="defend a saved backdoored model")
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
   defend.add_argument("--epochs", type=int, default=100)
   defend.add_argument("--batch-size", type=int, default=256)
   defend.add_argument("--reserved-ratio", type=float, default=0.05)
+  defend.add_argument("--flip", action="store_true", help="random horizontal flips (CIFAR-10, spec §1.3)")
   defend.add_argument("--seed", type=int, default=0)
   return parser
 
@@ -49,7 +51,7 @@ def command_attack(args: argparse.Namespace) -> None:
       dataset=args.dataset, model=args.model, model_options=options, attack=args.attack,
       ratio=args.ratio, target=args.target, label_mode=args.label_mode, seed=args.seed,
       train=AttackTrainConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
-                              cosine_t_max=args.epochs))
+                              cosine_t_max=args.epochs, flip=args.flip))
   backdoored = pipeline.attack(run)
   pipeline.save_attack(backdoored, args.out)
   print(pipeline.format_table([pipeline.table_row(args.attack, "none", backdoored.measure())]))
@@ -57,9 +59,9 @@ def command_attack(args: argparse.Namespace) -> None:
 
 def command_defend(args: argparse.Namespace) -> None:
   if args.defense == "d3":
-    config = D3Config.preset(args.preset, epochs=args.epochs, batch_size=args.batch_size)
+    config = D3Config.preset(args.preset, epochs=args.epochs, batch_size=args.batch_size, flip=args.flip)
   elif args.defense == "ft":
-    config = FTConfig(epochs=args.epochs, batch_size=args.batch_size)
+    config = FTConfig(epochs=args.epochs, batch_size=args.batch_size, flip=args.flip)
   else:
     raise SystemExit(f"d3jax defend: unknown defense {args.defense!r}; choose d3 or ft.")
   backdoored = pipeline.load_attack(args.attack_run)
