@@ -26,23 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
   attack.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio")
   attack.add_argument("--target", type=int, default=0)
   attack.add_argument("--label-mode", default="all2one", help="all2one | all2all | clean_label")
-  attack.add_argument("--epochs", type=int, default=8)
   attack.add_argument("--lr", type=float, default=0.05)
-  attack.add_argument("--batch-size", type=int, default=128)
-  attack.add_argument("--flip", action="store_true", help="random horizontal flips (CIFAR-10, spec §1.3)")
-  attack.add_argument("--seed", type=int, default=0)
+  add_training_options(attack, epochs=8, batch_size=128)
 
   defend = commands.add_parser("defend", help="defend a saved backdoored model")
   defend.add_argument("--attack-run", required=True, help="run directory written by `d3jax attack`")
   defend.add_argument("--out", required=True, help="run directory to write")
   defend.add_argument("--defense", default="d3", help="d3 | ft")
   defend.add_argument("--preset", default="paper", help="D3 preset: paper | official")
-  defend.add_argument("--epochs", type=int, default=100)
-  defend.add_argument("--batch-size", type=int, default=256)
   defend.add_argument("--reserved-ratio", type=float, default=0.05)
-  defend.add_argument("--flip", action="store_true", help="random horizontal flips (CIFAR-10, spec §1.3)")
-  defend.add_argument("--seed", type=int, default=0)
+  add_training_options(defend, epochs=100, batch_size=256)
   return parser
+
+
+def add_training_options(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
+  """--epochs, --batch-size, --flip and --seed, shared by `attack` and `defend`."""
+  parser.add_argument("--epochs", type=int, default=epochs)
+  parser.add_argument("--batch-size", type=int, default=batch_size)
+  parser.add_argument("--flip", action="store_true", help="random horizontal flips (CIFAR-10, spec §1.3)")
+  parser.add_argument("--seed", type=int, default=0)
 
 
 def command_attack(args: argparse.Namespace) -> None:
