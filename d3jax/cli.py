@@ -56,7 +56,7 @@ def command_attack(args: argparse.Namespace) -> None:
                               cosine_t_max=args.epochs, flip=args.flip))
   backdoored = pipeline.attack(run)
   pipeline.save_attack(backdoored, args.out)
-  print(pipeline.format_table([pipeline.table_row(args.attack, "none", backdoored.measure())]))
+  print(pipeline.format_table([pipeline.table_row(args.attack, "none", backdoored.baseline)]))
 
 
 def command_defend(args: argparse.Namespace) -> None:
@@ -69,7 +69,7 @@ def command_defend(args: argparse.Namespace) -> None:
   backdoored = pipeline.load_attack(args.attack_run)
   row, variables, log = pipeline.defense_row(backdoored, args.defense, config,
                                              reserved_ratio=args.reserved_ratio, seed=args.seed)
-  before = pipeline.table_row(backdoored.run.attack, "none", backdoored.measure())
+  before = pipeline.table_row(backdoored.run.attack, "none", backdoored.baseline)
   checkpoint.save_run(args.out, variables, metrics=row, config={
       "attack_run": str(args.attack_run), "defense": args.defense, "reserved_ratio": args.reserved_ratio,
       "seed": args.seed, "defense_config": dataclasses.asdict(log["config"]),

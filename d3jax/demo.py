@@ -40,7 +40,7 @@ def run_demo(out: str | Path, *, progress: bool = True) -> list[dict]:
   for attack_name in ATTACKS:
     run = dataclasses.replace(DEMO_RUN, attack=attack_name)
     backdoored = pipeline.attack(run, progress=progress)
-    rows.append(pipeline.table_row(attack_name, "none", backdoored.measure()))
+    rows.append(pipeline.table_row(attack_name, "none", backdoored.baseline))
     print(f"[{time.perf_counter() - start:5.0f}s] {attack_name}: backdoored model trained", flush=True)
     for defense_name, config in DEFENSES.items():
       row, _, _ = pipeline.defense_row(backdoored, defense_name, config,

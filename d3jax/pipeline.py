@@ -8,6 +8,7 @@ clean set; the test sets are used afterwards, for measurement only.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -61,9 +62,14 @@ class Backdoored:
   def normalization(self) -> Normalization:
     return Normalization(self.dataset.mean, self.dataset.std)
 
-  def measure(self, variables: Any = None) -> metrics.BackdoorMetrics:
-    return evaluate(self.model, self.variables if variables is None else variables,
-                    self.dataset.x_test, self.dataset.y_test, self.backdoor_test, self.normalization)
+  @functools.cached_property
+  def baseline(self) -> metrics.BackdoorMetrics:
+    """ACC/ASR/RA of the backdoored model itself (computed once)."""
+    return self.measure(self.variables)
+
+  def measure(self, variables: Any) -> metrics.BackdoorMetrics:
+    return evaluate(self.model, variables, self.dataset.x_test, self.dataset.y_test,
+                    self.backdoor_test, self.normalization)
 
 
 def prepare(run: AttackRun) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet]:
@@ -87,7 +93,7 @@ def attack(run: AttackRun, *, progress: bool = True) -> Backdoored:
 
 
 def save_attack(backdoored: Backdoored, run_dir: str) -> None:
-  measured = backdoored.measure()
+  measured = backdoored.baseline
   checkpoint.save_run(run_dir, backdoored.variables, config={"attack": backdoored.run.to_json()},
                       metrics=measured._asdict())
 
@@ -118,8 +124,7 @@ def defense_row(backdoored: Backdoored, name: str, config: Any = None, *, reserv
                           normalization=backdoored.normalization,
                           key=jax.random.fold_in(jax.random.key(seed), 3), config=config,
                           progress=progress)
-  before, after = backdoored.measure(), backdoored.measure(variables)
-  row = table_row(backdoored.run.attack, name, after, before)
+  row = table_row(backdoored.run.attack, name, backdoored.measure(variables), backdoored.baseline)
   return row, variables, log
 
 

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 from d3jax import demo, pipeline
-from d3jax.defenses import D3Config
 
 BASE = demo.DEFENSES["d3"]
 VARIANTS = {
@@ -34,7 +33,7 @@ def main() -> None:
   args = parser.parse_args()
   start = time.perf_counter()
   backdoored = pipeline.attack(dataclasses.replace(demo.DEMO_RUN, attack="blended"), progress=False)
-  before = backdoored.measure()
+  before = backdoored.baseline
   lines = ["| variant | reserved | ACC | ASR | RA | DER | seconds |", "|---|---|---|---|---|---|---|",
            f"| no defense | – | {100 * before.acc:.2f} | {100 * before.asr:.2f} | {100 * before.ra:.2f} | – | – |"]
   for name, (config, ratio) in VARIANTS.items():

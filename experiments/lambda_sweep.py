@@ -30,7 +30,7 @@ def main() -> None:
   timings = []
   for attack_name in demo.ATTACKS:
     backdoored = pipeline.attack(dataclasses.replace(demo.DEMO_RUN, attack=attack_name), progress=False)
-    before = backdoored.measure()
+    before = backdoored.baseline
     lines.append(f"| {attack_name} | none | {100 * before.acc:.2f} | {100 * before.asr:.2f} | "
                  f"{100 * before.ra:.2f} | – |")
     images, labels = pipeline.reserved_set(backdoored.dataset, demo.RESERVED_RATIO, seed=0)

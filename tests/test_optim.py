@@ -14,7 +14,6 @@ import optax
 import pytest
 from optax._src import base
 
-from d3jax import optim
 from d3jax.optim import (clean_hinge, d3, distance, distance_ascent, loss_scale, norm_gradient,
                          param_paths, project_norm, select_mask, tensor_norm)
 

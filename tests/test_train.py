@@ -10,7 +10,6 @@ import pytest
 
 from d3jax import train
 from d3jax.data import normalize
-from d3jax.models import get_model
 
 NORM = train.Normalization((0.5,), (0.5,))
 

@@ -89,10 +89,8 @@ def warm_start(params: Any, select: Any, method: str, norm: str, key: jax.Array)
       out.append(jnp.zeros_like(leaf))
     elif method == "far":
       out.append(-leaf)
-    elif method == "noise":
+    else:  # noise
       out.append(leaf + jax.random.normal(leaf_key, leaf.shape, leaf.dtype) * jnp.std(leaf, ddof=1))
-    else:
-      raise AssertionError(method)
   return jax.tree.unflatten(treedef, out)
 
 
