@@ -23,6 +23,7 @@ from typing import Annotated, Any, Optional, Union
 
 import tyro
 import yaml
+from tqdm import tqdm
 
 import d3jax
 from d3jax import defenses, pipeline, runs
@@ -30,6 +31,7 @@ from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 Flat = tyro.conf.OmitArgPrefixes
+TYRO_CONFIG = (tyro.conf.OmitSubcommandPrefixes, tyro.conf.CascadeSubcommandArgs)
 CACHE_DIR = Path("~/.cache/d3jax/jax").expanduser()
 
 
@@ -90,7 +92,8 @@ class DefendCommand:
   attack_run: str
   """run directory written by `d3jax attack` (read only)"""
   output: Annotated[Output, Flat]
-  defense: Annotated[_defense_union(), tyro.conf.arg(name="")]  # type: ignore[valid-type]
+  defense: Annotated[_defense_union(), tyro.conf.arg(name="")] = defenses.D3Config()  # type: ignore[valid-type]
+  """the defense and its settings (default: d3)"""
   reserved: ReservedSplit = ReservedSplit()
   session: Annotated[Session, Flat] = Session()
 
@@ -185,10 +188,10 @@ def parse(argv: list[str]) -> Any:
   if config is not None and command in COMMANDS:
     default = _defaults(command, read_settings(config))
     return tyro.cli(COMMANDS[command], args=argv[1:], default=default, prog=f"d3jax {command}",
-                    config=(tyro.conf.OmitSubcommandPrefixes,))
+                    config=TYRO_CONFIG)
   return tyro.extras.subcommand_cli_from_dict(
       COMMANDS, args=argv, prog="d3jax", description=f"d3jax {d3jax.__version__}: backdoor "
-      "attacks and post-training defenses (D3) in JAX.", config=(tyro.conf.OmitSubcommandPrefixes,))
+      "attacks and post-training defenses (D3) in JAX.", config=TYRO_CONFIG)
 
 
 def _parse_quietly(argv: list[str]) -> Any:
@@ -203,13 +206,20 @@ def _parse_quietly(argv: list[str]) -> Any:
     raise
 
 
+class _AboveProgressBars(logging.Handler):
+  """Writes log lines to stderr above any tqdm progress bar instead of through it."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    tqdm.write(self.format(record), file=sys.stderr)
+
+
 def _setup(session: Session) -> None:
   logger = logging.getLogger("d3jax")
   logger.setLevel(logging.INFO)
   logger.handlers.clear()
   logger.propagate = False
   if not session.quiet:
-    logger.addHandler(logging.StreamHandler(sys.stderr))
+    logger.addHandler(_AboveProgressBars())
   if session.compile_cache:
     import jax  # pylint: disable=import-outside-toplevel
     jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
