@@ -171,12 +171,18 @@ def _defaults(command: str, settings: dict) -> Any:
 
 
 def _one_line(text: str) -> str:
-  """tyro's boxed parse error as one line: "<title>: <body>" without the help pointer."""
-  lines = [line.strip(" │╭╮╰╯─") for line in text.splitlines()]
-  if not lines:
+  """tyro's boxed parse error (unicode or ASCII borders) as one line: "<title>: <body>"."""
+  rows = []
+  for line in text.strip().splitlines():
+    line = line.strip()
+    if line[:1] in "│|" and line[-1:] in "│|":
+      line = line[1:-1].strip()
+    rows.append(line)
+  if not rows:
     return "invalid arguments; see d3jax --help."
-  title = lines[0]
-  body = " ".join(" ".join(lines[1:]).split("For full helptext")[0].split())
+  title = re.sub(r"^[╭+][─-]+\s*|\s*[─-]+[╮+]$", "", rows[0])
+  body = [row for row in rows[1:] if row and not re.fullmatch(r"[─━╰╯+=-]+", row)]
+  body = " ".join(" ".join(body).split("For full helptext")[0].split())
   body = re.sub(r"^Error parsing \S+: ", "", body)
   return body if title == "Value error" or body.startswith(title) else f"{title}: {body}"
 

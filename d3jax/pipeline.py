@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -66,13 +66,13 @@ class AttackRun:
     train: the training recipe.
   """
   dataset: str = "mnist5k"
-  model: str = "small_cnn"
+  model: Literal[MODELS] = "small_cnn"  # type: ignore[valid-type]
   model_options: dict[str, int | bool] = dataclasses.field(default_factory=dict)
   attack: str = "badnets"
   attack_options: dict[str, int | float | str] = dataclasses.field(default_factory=dict)
   ratio: float = 0.1
   target: int = 0
-  label_mode: str = "all2one"
+  label_mode: Literal[LABEL_MODES] = "all2one"  # type: ignore[valid-type]
   seed: int = 0
   train: AttackTrainConfig = AttackTrainConfig()
 

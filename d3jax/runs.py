@@ -188,9 +188,10 @@ def training_accuracy(backdoored: Backdoored, variables: Any, images: np.ndarray
 def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False,
                  resume: bool = False, tracking: Tracking = Tracking()) -> tuple[LoadedRun, dict]:
   """Trains the attack ``run`` into the run directory ``out``; returns it and its table row."""
-  with RunWriter(out, overwrite=overwrite, resume=resume) as writer:
-    start = time.perf_counter()
-    dataset, model, poisoned, backdoor_test = prepare(run)
+  writer = RunWriter(out, overwrite=overwrite, resume=resume)
+  start = time.perf_counter()
+  dataset, model, poisoned, backdoor_test = prepare(run)  # bad data fails here, before any write
+  with writer:
     shell = Backdoored(run, dataset, model, None, backdoor_test)
     writer.start(attack_config(run, shell))
     recorder = Recorder(writer.stage, shell, run.train.epochs, tracking)
@@ -214,10 +215,11 @@ def write_defense(source: LoadedRun, name: str, config: Any, split: ReservedSpli
   if source.kind != "attack":
     raise ValueError(f"--attack-run {source.path} is a {source.kind} run; pass a run written by "
                      "`d3jax attack`.")
-  with RunWriter(out, overwrite=overwrite, resume=resume, inputs=[source.path]) as writer:
-    start = time.perf_counter()
-    backdoored = source.backdoored
-    (images, labels), heldout = split.draw(backdoored.dataset)
+  writer = RunWriter(out, overwrite=overwrite, resume=resume, inputs=[source.path])
+  start = time.perf_counter()
+  backdoored = source.backdoored
+  (images, labels), heldout = split.draw(backdoored.dataset)
+  with writer:
     before = table_row(backdoored.run.attack, "none", backdoored.baseline)
     writer.start({**{k: source.config[k] for k in ("attack", "model", "dataset")},
                   "kind": "defense", "defense": {"name": name, "config": dataclasses.asdict(config)},

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -163,12 +164,18 @@ def _read_only(x: np.ndarray) -> np.ndarray:
 def _npz(path: str) -> Dataset:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"npz dataset file {path!r} does not exist.")
-  with np.load(path, allow_pickle=False) as data:
-    missing = [k for k in _NPZ_KEYS if k not in data.files]
-    if missing:
-      raise ValueError(f"{path!r} lacks the array(s) {missing}; a dataset npz must hold "
-                       f"{', '.join(_NPZ_KEYS)} (optionally num_classes, mean, std).")
-    arrays = {k: data[k] for k in data.files}
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      missing = [k for k in _NPZ_KEYS if k not in data.files]
+      if missing:
+        raise ValueError(f"{path!r} lacks the array(s) {missing}; a dataset npz must hold "
+                         f"{', '.join(_NPZ_KEYS)} (optionally num_classes, mean, std).")
+      arrays = {k: data[k] for k in data.files}
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+    if str(err).startswith(repr(path)):
+      raise
+    raise ValueError(f"{path!r} is not a readable npz file ({type(err).__name__}: {err}); "
+                     "the file is truncated or damaged, or holds pickled objects.") from None
   num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else None
   mean = tuple(np.ravel(arrays["mean"])) if "mean" in arrays else None
   std = tuple(np.ravel(arrays["std"])) if "std" in arrays else None
