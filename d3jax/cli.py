@@ -51,8 +51,6 @@ class Output:
   """run directory to write; built in a hidden sibling and renamed into place when complete"""
   overwrite: bool = False
   """replace an existing --out (never the input run)"""
-  resume: bool = False
-  """continue an interrupted run of --out from its last epoch checkpoint"""
   eval_every: int = 1
   """measure ACC/ASR/RA on the test sets every N epochs (0: final model only); evaluation only"""
   config: Optional[str] = None
@@ -242,17 +240,16 @@ def run_command(command: Any) -> None:
       if isinstance(command, (AttackCommand, DefendCommand)) else None
   if isinstance(command, AttackCommand):
     out = command.output
-    _, row = runs.write_attack(command.run, out.out, overwrite=out.overwrite, resume=out.resume,
-                               tracking=tracking)
+    _, row = runs.write_attack(command.run, out.out, overwrite=out.overwrite, tracking=tracking)
     print(pipeline.format_table([row]))
   elif isinstance(command, DefendCommand):
     out = command.output
-    runs.RunWriter(out.out, overwrite=out.overwrite, resume=out.resume,
+    runs.RunWriter(out.out, overwrite=out.overwrite,
                    inputs=[command.attack_run])  # refuse a bad --out before loading anything
     source = runs.load(command.attack_run)
     _, rows = runs.write_defense(source, defense_name(command.defense), command.defense,
                                  command.reserved, out.out, overwrite=out.overwrite,
-                                 resume=out.resume, tracking=tracking)
+                                 tracking=tracking)
     print(pipeline.format_table(rows))
   elif isinstance(command, EvalCommand):
     print(pipeline.format_table([runs.load(command.run).measure()]))

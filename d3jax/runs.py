@@ -90,15 +90,14 @@ class RunWriter:
   unless ``overwrite``, and an input run is never replaced.
   """
 
-  def __init__(self, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+  def __init__(self, out: str | Path, *, overwrite: bool = False,
                inputs: Sequence[str | Path] = ()):
-    self.out = checkpoint.check_out(out, overwrite=overwrite, resume=resume, inputs=inputs)
-    self.resume = resume
+    self.out = checkpoint.check_out(out, overwrite=overwrite, inputs=inputs)
     self.stage: Path | None = None
     self._handler: logging.Handler | None = None
 
   def __enter__(self) -> "RunWriter":
-    self.stage = checkpoint.begin_run(self.out, resume=self.resume)
+    self.stage = checkpoint.begin_run(self.out)
     self._handler = logging.FileHandler(self.stage / "log.txt")
     self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     LOG.addHandler(self._handler)
@@ -109,15 +108,7 @@ class RunWriter:
     self._handler.close()
 
   def start(self, config: dict) -> None:
-    """Writes ``config.json``; a resumed run must have been started with the same config."""
-    path = self.stage / "config.json"
-    if self.resume and path.exists():
-      saved = checkpoint.load_json(self.stage, "config.json")
-      if saved != checkpoint.to_json(config, "config"):
-        raise ValueError(f"--resume: the settings differ from those of the interrupted run of "
-                         f"{self.out} (see {path}); rerun with the same settings or without "
-                         "--resume.")
-    checkpoint.save_json(path, config)
+    checkpoint.save_json(self.stage / "config.json", config)
 
   def finish(self, variables: Any, metrics: dict, title: str) -> Path:
     checkpoint.save_run(self.stage, variables, config=checkpoint.load_json(self.stage, "config.json"),
@@ -186,9 +177,9 @@ def training_accuracy(backdoored: Backdoored, variables: Any, images: np.ndarray
 
 
 def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False,
-                 resume: bool = False, tracking: Tracking = Tracking()) -> tuple[LoadedRun, dict]:
+                 tracking: Tracking = Tracking()) -> tuple[LoadedRun, dict]:
   """Trains the attack ``run`` into the run directory ``out``; returns it and its table row."""
-  writer = RunWriter(out, overwrite=overwrite, resume=resume)
+  writer = RunWriter(out, overwrite=overwrite)
   start = time.perf_counter()
   dataset, model, poisoned, backdoor_test = prepare(run)  # bad data fails here, before any write
   with writer:
@@ -206,8 +197,7 @@ def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False,
 
 
 def write_defense(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
-                  out: str | Path, *, overwrite: bool = False, resume: bool = False,
-                  tracking: Tracking = Tracking()) -> tuple[Path, list[dict]]:
+                  out: str | Path, *, overwrite: bool = False, tracking: Tracking = Tracking()) -> tuple[Path, list[dict]]:
   """Defends the attack run ``source`` with defense ``name`` into ``out``.
 
   Returns the run path and the table rows before and after the defense.
@@ -215,7 +205,7 @@ def write_defense(source: LoadedRun, name: str, config: Any, split: ReservedSpli
   if source.kind != "attack":
     raise ValueError(f"--attack-run {source.path} is a {source.kind} run; pass a run written by "
                      "`d3jax attack`.")
-  writer = RunWriter(out, overwrite=overwrite, resume=resume, inputs=[source.path])
+  writer = RunWriter(out, overwrite=overwrite, inputs=[source.path])
   start = time.perf_counter()
   backdoored = source.backdoored
   (images, labels), heldout = split.draw(backdoored.dataset)

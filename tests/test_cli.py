@@ -243,7 +243,6 @@ def test_out_problems_are_refused_before_any_work(attack_run, tmp_path, capsys):
       (["attack", "--out", ""], "--out must name a run directory to write, got an empty string."),
       (["attack", "--out", str(attack_run)], f"--out {attack_run} already exists; pass --overwrite"),
       (["attack", "--out", str(a_file), "--overwrite"], f"--out {a_file} is an existing file"),
-      (["attack", "--out", str(tmp_path / "new"), "--resume"], "--resume: no interrupted run of"),
       (["defend", "--attack-run", str(attack_run), "--out", str(attack_run), "--overwrite"],
        f"--out {attack_run} would overwrite the input run {attack_run}"),
       (["defend", "--attack-run", str(attack_run), "--out", str(attack_run / "sub")],
