@@ -6,11 +6,11 @@ Subpackages: ``data``, ``models``, ``attacks``, ``optim`` (the D3 optax transfor
 """
 from d3jax import attacks, checkpoint, data, defenses, metrics, models, optim, train
 from d3jax.sweep import sweep
-from d3jax.defenses import D3Config, FTConfig, defend, defense_run
+from d3jax.defenses import D3Config, FTConfig, defend
 from d3jax.metrics import der
 from d3jax.optim import d3
 
 __version__ = "0.1.0"
 
-__all__ = ["D3Config", "FTConfig", "attacks", "checkpoint", "d3", "data", "defend", "defense_run",
+__all__ = ["D3Config", "FTConfig", "attacks", "checkpoint", "d3", "data", "defend",
            "defenses", "der", "metrics", "models", "optim", "sweep", "train"]

@@ -19,7 +19,7 @@ from d3jax import checkpoint, metrics
 from d3jax.attacks import PoisonedSet, get_trigger, poison_dataset
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
 from d3jax.data import Dataset, draw_reserved, load_dataset
-from d3jax.defenses import DEFENSES, defend
+from d3jax.defenses import defend
 from d3jax.evaluation import evaluate
 from d3jax.models import get_model
 from d3jax.train import Normalization, init_variables
@@ -117,8 +117,6 @@ def reserved_set(dataset: Dataset, ratio: float, seed: int, class_balanced: bool
 def defense_row(backdoored: Backdoored, name: str, config: Any = None, *, reserved_ratio: float = 0.05,
                 seed: int = 0, progress: bool = True) -> tuple[dict, Any, dict]:
   """Runs defense ``name`` and measures it: (table row, defended variables, defense log)."""
-  if name not in DEFENSES:
-    raise ValueError(f"unknown defense {name!r}; available: {sorted(DEFENSES)}.")
   images, labels = reserved_set(backdoored.dataset, reserved_ratio, seed)
   variables, log = defend(name, backdoored.model, backdoored.variables, images, labels,
                           normalization=backdoored.normalization,

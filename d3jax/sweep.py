@@ -1,16 +1,21 @@
-"""Hyperparameter grids of a whole defense, trained at once (DESIGN.md "Scale").
+"""Hyperparameter grids of a whole defense as one compiled program, sharded over devices.
 
-``sweep`` takes the cartesian product of the given hyperparameter values (the rest come from the
-config). On accelerators it trains all runs together through :meth:`d3jax.train.FineTune.fit`
-with ``grid=True`` — one vmapped step, one compilation, the same batches for every run. On the
-CPU backend it trains them one after another by default: XLA:CPU runs the vmapped convolutions
-(one weight set per run) far slower than separate ones — measured on the demo's small CNN,
-5 vmapped D3 runs took 323 s against about 17 s for one run alone (experiments/results/
-lambda_sweep.md). Both orders see the same batches and keys. For a pure function to
-``jax.vmap`` or ``jax.jit`` yourself, see :func:`d3jax.defenses.defense_run`.
+A grid of G runs is one :class:`d3jax.train.TrainState` stacked on a leading axis and trained by
+``jax.vmap`` of the defense's jitted epoch (:func:`d3jax.train.grid_axes`): one compilation and
+one pass over the data serve every run. The grid axis is laid out over ``jax.devices()`` with a
+``Mesh`` and ``NamedSharding`` (one CPU, several GPUs or a TPU slice alike); when G is larger than
+``chunk_size`` the grid runs in chunks of that many runs. For multi-host runs, call
+``jax.distributed.initialize()`` first on every host: ``jax.devices()`` then lists every host's
+devices and the same call spreads the grid over all of them.
+
+With one seed, every run shares the key: the same batches, augmentation and warm start, so the
+runs differ only by their hyperparameters, and the data side of each step is computed once.
+With ``seeds`` > 1 every grid point is repeated with keys ``fold_in(key, seed)``.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from typing import Any, Mapping, Sequence
 
@@ -18,9 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from d3jax.defenses import check_reserved, lookup
-from d3jax.train import Normalization
+from d3jax.defenses import check_reserved, program as defense_program
+from d3jax.train import Normalization, Program, TrainState, fit, grid_axes
+
+PyTree = Any
 
 
 def grid_points(defaults: Mapping[str, Any], grid: Mapping[str, Sequence[float]]) -> dict[str, jax.Array]:
@@ -29,6 +37,9 @@ def grid_points(defaults: Mapping[str, Any], grid: Mapping[str, Sequence[float]]
   unknown = sorted(set(grid) - set(defaults))
   if unknown:
     raise ValueError(f"cannot sweep {unknown}: the sweepable hyperparameters are {sorted(defaults)}.")
+  for name, values in grid.items():
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+      raise ValueError(f"grid[{name!r}] must be a list of numbers, got {values!r}.")
   names = list(grid)
   points = list(itertools.product(*(grid[name] for name in names)))
   if not points:
@@ -38,36 +49,73 @@ def grid_points(defaults: Mapping[str, Any], grid: Mapping[str, Sequence[float]]
           for name, value in defaults.items()}
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+def init_grid(program: Program, axes: TrainState, variables: PyTree, n: int, keys: jax.Array,
+              hparams: dict[str, jax.Array]) -> TrainState:
+  """The stacked starting state of a grid: one run per row of ``hparams`` (and of ``keys`` when
+  ``axes.key`` is 0; a single shared key otherwise)."""
+  def one(key, point):
+    return program.init(variables, n, key, point)
+
+  return jax.vmap(one, in_axes=(axes.key, 0), out_axes=axes)(keys, hparams)
+
+
+def shard_grid(state: TrainState, axes: TrainState, mesh: Mesh) -> TrainState:
+  """Places the grid axis of every stacked field over the mesh's ``grid`` axis; the rest is
+  replicated."""
+  split = NamedSharding(mesh, PartitionSpec("grid"))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  placed = {field.name: jax.device_put(getattr(state, field.name),
+                                       split if getattr(axes, field.name) == 0 else replicated)
+            for field in dataclasses.fields(TrainState)}
+  return TrainState(**placed)
+
+
 def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray, *,
           normalization: Normalization, key: jax.Array, grid: Mapping[str, Sequence[float]],
-          config: Any = None, progress: bool = True,
-          vectorize: bool | None = None) -> tuple[list[Any], dict[str, Any]]:
-  """Runs defense ``name`` for every point of ``grid`` (e.g. ``{"lmd": [0.5, 10], "eps": [0.1, 0.3]}``).
+          config: Any = None, seeds: int = 1, chunk_size: int | None = None,
+          devices: Sequence[jax.Device] | None = None, progress: bool = True
+          ) -> tuple[list[Any], dict[str, Any]]:
+  """Runs defense ``name`` for every point of ``grid`` (e.g. ``{"lmd": [1, 10], "eps": [0.1, 0.3]}``)
+  and every seed, as one vmapped program per chunk, sharded over ``devices``.
 
-  Returns the defended variables of each run (a list, in grid order) and a log with the
-  hyperparameters of each run and the per-epoch losses (epochs, G). ``vectorize`` chooses
-  between one vmapped program and one run after another (None: vmapped except on CPU).
+  Returns the defended variables of each run (a list, grid-major then seed) and a log with the
+  hyperparameters and seed of each run and the per-epoch losses (epochs, runs).
   """
-  module, config = lookup(name, config)
+  defense = defense_program(name, model, normalization, config)
   images, labels = check_reserved(model, variables, images, labels)
-  hparams = grid_points(module.hyperparams(config), grid)
-  program = module.program(model, normalization, config)
+  if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+    raise ValueError(f"seeds must be an integer ≥ 1, got {seeds!r}.")
+  points = grid_points(defense.recipe.hyperparams(), grid)
+  hparams = {k: jnp.repeat(v, seeds) for k, v in points.items()}
   runs = len(next(iter(hparams.values())))
-  if vectorize is None:
-    vectorize = jax.default_backend() != "cpu"
-  if vectorize:
-    stacked, losses = program.fit(variables, images, labels, hparams, key, desc=f"{name} sweep",
-                                  progress=progress, grid=True)
-    defended = [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(runs)]
-  else:
-    defended, losses = [], []
-    for i in range(runs):
-      point = {k: v[i] for k, v in hparams.items()}
-      result, run_losses = program.fit(variables, images, labels, point, key,
-                                       desc=f"{name} sweep {i + 1}/{runs}", progress=progress)
-      defended.append(result)
-      losses.append(run_losses)
-    losses = np.stack(losses, axis=1)
+  seed_of_run = np.tile(np.arange(seeds), runs // seeds)
+  axes = grid_axes(shared_key=seeds == 1)
+  keys = key if seeds == 1 else jnp.stack([jax.random.fold_in(key, s) for s in seed_of_run])
+
+  mesh = Mesh(np.asarray(devices if devices is not None else jax.devices()), ("grid",))
+  width = mesh.devices.size
+  chunk = min(chunk_size or runs, runs)
+  if chunk < 1:
+    raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size!r}.")
+  chunk = -(-chunk // width) * width  # a multiple of the device count
+  replicated = NamedSharding(mesh, PartitionSpec())
+  images, labels = jax.device_put((jnp.asarray(images), jnp.asarray(labels)), replicated)
+
+  defended, losses = [], []
+  for start in range(0, runs, chunk):
+    rows = np.minimum(np.arange(start, start + chunk), runs - 1)  # pad by repeating the last run
+    real = min(chunk, runs - start)
+    chunk_keys = keys if seeds == 1 else keys[rows]
+    state = init_grid(defense, axes, variables, images.shape[0], chunk_keys,
+                      {k: v[rows] for k, v in hparams.items()})
+    state = shard_grid(state, axes, mesh)
+    label = f"{name} grid {start + 1}-{start + real}/{runs}" if runs > chunk else f"{name} grid of {runs}"
+    state, history = fit(defense, state, images, labels, axes=axes, desc=label, progress=progress)
+    stacked = jax.device_get(state.variables)
+    defended += [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(real)]
+    losses.append(history["loss"][:, :real])
   log = {"defense": name, "hparams": {k: np.asarray(v).tolist() for k, v in hparams.items()},
-         "losses": losses.tolist(), "config": config}
+         "seeds": seed_of_run.tolist(), "losses": np.concatenate(losses, axis=1).tolist(),
+         "config": defense.recipe}
   return defended, log

@@ -1,5 +1,5 @@
-"""Tests of d3jax.defenses: D3 warm-ups and presets (spec §5.1, §5.4), the projection during a
-run, vmapped defense runs, ``defend``'s checks and threat model, and an end-to-end smoke test."""
+"""Tests of d3jax.defenses: the registry, D3 warm-ups and presets, the projection during a run,
+vmapped defense runs, ``defend``'s checks and threat model, and an end-to-end smoke test."""
 import inspect
 
 import jax
@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import metrics, train
+from d3jax import defenses, metrics, train
 from d3jax.attacks import BadNets, poison_dataset
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
 from d3jax.data import draw_reserved, subset
-from d3jax.defenses import D3Config, FTConfig, defend, defense_run
+from d3jax.defenses import D3Config, FTConfig, defend
 from d3jax.defenses.d3 import warm_start
 from d3jax.models import get_model
 from d3jax.optim import tensor_norm
@@ -31,7 +31,7 @@ def _others_unchanged(before, after, skip=("linear",)):
       jax.tree.map(np.testing.assert_array_equal, before[name], after[name])
 
 
-# Warm-ups (spec §5.4).
+# Warm-ups (the official code's warm_up_method).
 
 
 @pytest.mark.parametrize("norm", ["fro", "l1", "nuclear"])
@@ -115,6 +115,18 @@ def _tiny_d3(**overrides):
   return D3Config(**{"epochs": 2, "batch_size": 16, "crop_padding": 0, **overrides})
 
 
+def defense_run(name, model, normalization, config=None):
+  """A whole defense as a pure function of (variables, images, labels, hparams, key), built from
+  the registry's program, and the config's default hyperparameters."""
+  program = defenses.program(name, model, normalization, config)
+
+  def run(variables, x, y, hparams, key):
+    state, metrics = program.run(program.init(variables, x.shape[0], key, hparams), x, y)
+    return state.variables, metrics["loss"]
+
+  return run, program.recipe.hyperparams()
+
+
 @pytest.fixture(scope="module")
 def d3_and_ft_runs(model, variables, tiny_set, rbg_key):
   """Variables after a tiny D3 run and a tiny FT run from the same start and key."""
@@ -142,7 +154,7 @@ def test_d3_run_keeps_head_norm_and_moves_farther_than_ft(variables, d3_and_ft_r
 
 
 def test_d3_near_warm_up_has_no_nan(model, variables, tiny_set, rbg_key):
-  """near starts at zero distance: the safe norm gives a zero gradient, not NaN (spec §5.7)."""
+  """near starts at zero distance: the safe norm gives a zero gradient, not NaN."""
   x, y = map(jnp.asarray, tiny_set)
   run, hparams = defense_run("d3", model, NORM, _tiny_d3(epochs=1, warm_up="near"))
   out, losses = jax.jit(run)(variables, x, y, hparams, rbg_key)
@@ -167,9 +179,10 @@ def test_vmap_d3_over_lmd_eps_learning_rate(model, variables, tiny_set, rbg_key)
   """One vmapped D3 run over 4 (λ, ε, lr) configurations equals each run alone."""
   x, y = map(jnp.asarray, tiny_set)
   run, defaults = defense_run("d3", model, NORM, _tiny_d3())
-  assert set(defaults) == {"lmd", "eps", "learning_rate"}
+  assert set(defaults) == {"lmd", "eps", "learning_rate", "momentum"}
   hparams = {"lmd": jnp.array([0.5, 2.0, 10.0, 0.5]), "eps": jnp.array([0.1, 0.1, 0.0, 0.5]),
-             "learning_rate": jnp.array([0.01, 0.05, 0.1, 0.02])}
+             "learning_rate": jnp.array([0.01, 0.05, 0.1, 0.02]),
+             "momentum": jnp.array([0.9, 0.9, 0.5, 0.0])}
   batched = _vmapped_matches_single(run, variables, x, y, hparams, rbg_key, 4)
   heads = np.asarray(batched["params"]["linear"]["kernel"])
   assert not np.allclose(heads[0], heads[1])
@@ -187,6 +200,34 @@ def test_vmap_ft_over_learning_rate(model, variables, tiny_set, rbg_key):
   _vmapped_matches_single(run, variables, x, y, hparams, rbg_key, 4)
 
 
+# The registry.
+
+
+def test_registry_lists_and_builds_configs():
+  """names() lists FT and D3; get() builds the config with overrides and rejects unknown fields
+  and invalid values with a ValueError naming them."""
+  assert {"ft", "d3"} <= set(defenses.names())
+  assert defenses.get("d3") == D3Config()
+  assert defenses.get("d3", lmd=2.0, epochs=3) == D3Config(lmd=2.0, epochs=3)
+  assert isinstance(defenses.get("ft"), FTConfig)
+  with pytest.raises(ValueError, match="lambda.*settings are.*lmd"):
+    defenses.get("d3", **{"lambda": 2.0})
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("lmd", -1.0, "lmd"), ("eps", -0.1, "eps"), ("learning_rate", -0.01, "learning_rate"),
+    ("momentum", 5.0, "momentum"), ("epochs", 0, "epochs"), ("batch_size", 0, "batch_size"),
+    ("select", "", "select"), ("crop_padding", -1, "crop_padding"), ("epochs", 2.5, "epochs"),
+])
+def test_configs_reject_invalid_fields(field, value, match):
+  """Each config checks its own fields when constructed: one ValueError naming the field."""
+  with pytest.raises(ValueError, match=match):
+    defenses.get("d3", **{field: value})
+  if field in ("learning_rate", "momentum", "epochs", "batch_size", "crop_padding"):
+    with pytest.raises(ValueError, match=match):
+      defenses.get("ft", **{field: value})
+
+
 # defend: names, configs, reserved set, threat model.
 
 
@@ -197,7 +238,9 @@ def test_defend_unknown_name_lists_defenses(model, variables, tiny_set, rbg_key)
     defend("nope", model, variables, x, y, normalization=NORM, key=rbg_key)
   assert "d3" in str(info.value) and "ft" in str(info.value) and "nope" in str(info.value)
   with pytest.raises(ValueError, match="nope"):
-    defense_run("nope", model, NORM)
+    defenses.program("nope", model, NORM)
+  with pytest.raises(ValueError, match="nope"):
+    defenses.get("nope")
 
 
 def test_defend_wrong_config_type(model, variables, tiny_set, rbg_key):
@@ -206,7 +249,7 @@ def test_defend_wrong_config_type(model, variables, tiny_set, rbg_key):
   with pytest.raises(TypeError, match="D3Config"):
     defend("d3", model, variables, x, y, normalization=NORM, key=rbg_key, config=FTConfig())
   with pytest.raises(TypeError, match="FTConfig"):
-    defense_run("ft", model, NORM, D3Config())
+    defenses.program("ft", model, NORM, D3Config())
 
 
 @pytest.mark.parametrize("bad", [
@@ -246,7 +289,7 @@ def test_defend_threat_model_signature():
   """defend takes the model and the reserved set only: no test data, trigger or target."""
   params = inspect.signature(defend).parameters
   assert list(params) == ["name", "model", "variables", "images", "labels", "normalization",
-                          "key", "config", "progress"]
+                          "key", "config", "progress", "callback"]
   forbidden = ("test", "trigger", "target", "poison", "backdoor", "bd", "attack")
   assert not [p for p in params if any(word in p.lower() for word in forbidden)]
 

@@ -1,4 +1,4 @@
-"""Tests of d3jax.optim: the D3 optimizer (spec §5.5–§5.7) as optax transformations.
+"""Tests of d3jax.optim: the D3 optimizer (paper Eq. (4), supplement Algorithm 1) as optax transformations.
 
 The reference for every numeric check is written here independently of d3jax: the official
 objective as a hand-written jnp function (differentiated by jax.grad) and the official per-step
@@ -16,6 +16,7 @@ from optax._src import base
 
 from d3jax.optim import (clean_hinge, d3, distance, distance_ascent, loss_scale, norm_gradient,
                          param_paths, project_norm, select_mask, tensor_norm)
+from d3jax.optim.d3 import TargetNormState
 
 NORMS = ("fro", "l1", "nuclear")
 NO_PARAMS = re.escape(base.NO_PARAMS_MSG)
@@ -193,7 +194,10 @@ def test_project_norm_lands_on_reference_norm(norm):
   updates = perturb(jax.tree.map(jnp.zeros_like, reference), 2, size=0.4)
   tx = project_norm(reference, PROJECTION_MASK, norm)
   out, state = tx.update(updates, tx.init(params), params)
-  assert isinstance(state, base.EmptyState)
+  assert isinstance(state, TargetNormState)
+  np.testing.assert_allclose(state.targets["dense"]["kernel"], np_norm(reference["dense"]["kernel"], norm),
+                             rtol=1e-5)
+  assert state.targets["head"]["bias"] is None
   new = optax.apply_updates(params, out)
   for path in (("conv", "kernel"), ("dense", "kernel"), ("dense", "bias")):
     a, b = path

@@ -1,7 +1,8 @@
-"""Tests of d3jax.train: batch plans, the per-epoch cosine, PyTorch-style SGD, the FineTune
-engine (run vs fit, masking, BN modes, NaN check) and batched prediction (spec §3.1)."""
+"""Tests of d3jax.train: batch plans, the per-epoch cosine, PyTorch-style SGD, the engine (state,
+run vs fit, resume, grids, masking, BN modes, NaN check) and batched prediction."""
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,56 +120,111 @@ def test_sgd_with_weight_decay_matches_torch_by_hand():
 # The engine.
 
 
+def sgd(epochs=2, batch_size=16, **overrides):
+  return train.SGDConfig(**{"epochs": epochs, "batch_size": batch_size, "crop_padding": 1,
+                            "flip": True, "cosine_t_max": epochs, **overrides})
+
+
+class NaNLoss(train.SGDConfig):
+  """A recipe whose loss is NaN from the first step."""
+
+  def loss(self, logits, labels, mask, hparams):
+    return train.cross_entropy(logits, labels, mask, hparams) * jnp.nan
+
+
+def test_state_carries_the_run(model, variables, tiny_set, rbg_key):
+  """init puts params, statistics, optimizer state, hyperparameters (as arrays), step and key in
+  the state; overrides replace defaults and unknown names are refused."""
+  program = train.Program(model, sgd(learning_rate=0.1), NORM)
+  state = program.init(variables, 40, rbg_key, {"weight_decay": 0.0})
+  assert int(state.step) == 0 and int(state.steps_per_epoch) == 3
+  assert set(state.hparams) == {"learning_rate", "weight_decay"}
+  assert float(state.hparams["learning_rate"]) == pytest.approx(0.1)
+  assert float(state.hparams["weight_decay"]) == 0.0
+  chex.assert_trees_all_equal(state.params, variables["params"])
+  chex.assert_trees_all_equal(state.variables, variables)
+  with pytest.raises(ValueError, match="lmd"):
+    program.init(variables, 40, rbg_key, {"lmd": 1.0})
+
+
 def test_run_and_fit_agree(model, variables, tiny_set, rbg_key):
-  """The pure lax.scan run and fit (host loop, and scanned epochs as on accelerators) agree."""
+  """The pure lax.scan run and the host-driven fit give the same variables and losses."""
+  x, y = map(jnp.asarray, tiny_set)
+  program = train.Program(model, sgd(learning_rate=0.1), NORM)
+  state = train.init_state(program, variables, 40, rbg_key)
+  ran, ran_metrics = jax.jit(program.run)(state, x, y)
+  fitted, fit_metrics = train.fit(program, state, x, y, progress=False)
+  assert ran_metrics["loss"].shape == fit_metrics["loss"].shape == (2,)
+  np.testing.assert_allclose(fit_metrics["loss"], np.asarray(ran_metrics["loss"]), rtol=1e-5)
+  _leaves_close(ran.variables, fitted.variables, rtol=1e-5, atol=1e-6)
+  assert int(fitted.step) == 2 * 3
+  assert not np.allclose(fitted.params["linear"]["kernel"], variables["params"]["linear"]["kernel"])
+
+
+def test_fit_resumes_exactly(model, variables, tiny_set, rbg_key):
+  """Stopping after epoch 1 and calling fit again on that state gives bit-identical results to
+  an uninterrupted run (every random stream is derived from the key and the step)."""
   x, y = tiny_set
-  program = train.supervised(model, NORM, epochs=2, batch_size=16, crop_padding=1, flip=True)
-  hparams = train.supervised_hyperparams(0.1, 5e-4)
-  ran, ran_losses = jax.jit(program.run)(variables, jnp.asarray(x), jnp.asarray(y), hparams,
-                                         rbg_key)
-  fitted, fit_losses = program.fit(variables, x, y, hparams, rbg_key, progress=False)
-  scanned, scan_losses = program.fit(variables, x, y, hparams, rbg_key, progress=False,
-                                     host_loop=False)
-  assert fit_losses.shape == (2,) and ran_losses.shape == (2,)
-  np.testing.assert_allclose(fit_losses, np.asarray(ran_losses), rtol=1e-4)
-  np.testing.assert_allclose(scan_losses, np.asarray(ran_losses), rtol=1e-4)
-  _leaves_close(ran, fitted)
-  _leaves_close(ran, scanned)
-  assert not np.allclose(ran["params"]["linear"]["kernel"], variables["params"]["linear"]["kernel"])
+  program = train.Program(model, sgd(epochs=3, learning_rate=0.1), NORM)
+  state = train.init_state(program, variables, 40, rbg_key)
+  whole, whole_metrics = train.fit(program, state, x, y, progress=False)
+  saved = []
+  with pytest.raises(KeyboardInterrupt):
+    train.fit(program, state, x, y, progress=False,
+              callback=lambda epoch, s, m: saved.append(s) or (_ for _ in ()).throw(KeyboardInterrupt))
+  resumed, resumed_metrics = train.fit(program, saved[0], x, y, progress=False)
+  assert resumed_metrics["loss"].shape == (2,)
+  np.testing.assert_array_equal(resumed_metrics["loss"], whole_metrics["loss"][1:])
+  chex.assert_trees_all_equal(resumed.variables, whole.variables)
+  chex.assert_trees_all_equal(resumed.opt_state, whole.opt_state)
 
 
-def test_cross_entropy_ignores_masked_samples():
-  """The masked mean equals the plain mean over the valid samples, whatever the padding holds."""
-  rng = np.random.default_rng(0)
-  logits = jnp.asarray(rng.normal(size=(6, 4)), jnp.float32)
-  labels = jnp.array([0, 1, 2, 3, 0, 1])
-  mask = jnp.array([True, True, True, True, False, False])
-  expected = optax.softmax_cross_entropy_with_integer_labels(logits[:4], labels[:4]).mean()
-  loss = float(train.cross_entropy(logits, labels, mask, {}))
-  assert loss == pytest.approx(float(expected), rel=1e-6)
-  garbage = logits.at[4:].set(1e4)
-  assert float(train.cross_entropy(garbage, labels.at[4:].set(3), mask, {})) == pytest.approx(
-      float(expected), rel=1e-6)
-  grad = jax.grad(lambda z: train.cross_entropy(z, labels, mask, {}))(logits)
-  assert np.all(np.asarray(grad[4:]) == 0)
-  assert float(train.masked_mean(jnp.ones(3), jnp.zeros(3, bool))) == 0.0
+def test_runs_are_deterministic_per_key(model, variables, tiny_set, rbg_key):
+  """Same key → bit-identical variables; another key → other batches and other results."""
+  x, y = tiny_set
+  program = train.Program(model, sgd(learning_rate=0.1), NORM)
+  a, _ = train.train(program, variables, x, y, rbg_key, progress=False)
+  b, _ = train.train(program, variables, x, y, rbg_key, progress=False)
+  c, _ = train.train(program, variables, x, y, jax.random.fold_in(rbg_key, 1), progress=False)
+  chex.assert_trees_all_equal(a, b)
+  assert not np.allclose(a["params"]["linear"]["kernel"], c["params"]["linear"]["kernel"])
+
+
+def test_vmapped_grid_matches_runs_alone(model, variables, tiny_set, rbg_key):
+  """A grid of states (shared key, stacked hyperparameters) trained by one vmapped epoch equals
+  each run trained alone."""
+  from d3jax.sweep import init_grid
+  x, y = map(jnp.asarray, tiny_set)
+  program = train.Program(model, sgd(learning_rate=0.1), NORM)
+  axes = train.grid_axes()
+  lrs = jnp.array([0.01, 0.1, 0.3])
+  grid = init_grid(program, axes, variables, 40, rbg_key,
+                   {"learning_rate": lrs, "weight_decay": jnp.full(3, 5e-4)})
+  assert grid.step.shape == () and grid.hparams["learning_rate"].shape == (3,)
+  grid, grid_metrics = train.fit(program, grid, x, y, axes=axes, progress=False)
+  assert grid_metrics["loss"].shape == (2, 3)
+  for i, lr in enumerate(lrs):
+    alone, metrics = train.train(program, variables, x, y, rbg_key,
+                                 hparams={"learning_rate": lr}, progress=False)
+    np.testing.assert_allclose(grid_metrics["loss"][:, i], metrics["loss"], rtol=1e-4)
+    _leaves_close(jax.tree.map(lambda leaf: leaf[i], grid.variables), alone, rtol=1e-4, atol=1e-5)
 
 
 def test_step_ignores_padded_samples(model, variables, tiny_set, rbg_key):
   """One engine step: changing the images and labels of masked entries leaves the update alone
   (BN in eval mode, so batch statistics cannot carry them in)."""
   x, y = map(jnp.asarray, tiny_set)
-  program = train.supervised(model, NORM, epochs=1, batch_size=8, crop_padding=0, train_mode=False)
-  hparams = train.supervised_hyperparams(0.1, 0.0)
-  state = program.init(variables, hparams, x.shape[0], rbg_key)
-  index = jnp.array([0, 1, 2, 3, 4, 5, 6, 7])
-  valid = index < 5
+  program = train.Program(model, sgd(epochs=1, batch_size=8, crop_padding=0, flip=False,
+                                     train_mode=False, weight_decay=0.0, learning_rate=0.1), NORM)
+  state = program.init(variables, 40, rbg_key)
+  valid = jnp.arange(8) < 5
   step = jax.jit(program.step)
-  a, loss_a = step(state, variables["params"], x, y, hparams, index, valid, rbg_key)
-  x_b = x.at[5:8].set(255 - x[5:8])
-  y_b = y.at[5:8].set((y[5:8] + 3) % 10)
-  b, loss_b = step(state, variables["params"], x_b, y_b, hparams, index, valid, rbg_key)
-  assert float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
+  a, metrics_a = step(state, train.Batch(x[:8], y[:8], valid))
+  x_b = x[:8].at[5:8].set(255 - x[5:8])
+  y_b = y[:8].at[5:8].set((y[5:8] + 3) % 10)
+  b, metrics_b = step(state, train.Batch(x_b, y_b, valid))
+  assert float(metrics_a["loss"]) == pytest.approx(float(metrics_b["loss"]), rel=1e-6)
+  assert int(a.step) == 1
   _leaves_close(a.params, b.params, rtol=1e-6, atol=1e-7)
 
 
@@ -176,10 +232,9 @@ def test_step_ignores_padded_samples(model, variables, tiny_set, rbg_key):
 def test_batch_stats_follow_train_mode(model, variables, tiny_set, rbg_key, train_mode):
   """BN running statistics move in train mode and stay fixed otherwise; params train in both."""
   x, y = tiny_set
-  program = train.supervised(model, NORM, epochs=1, batch_size=20, crop_padding=0,
-                             train_mode=train_mode)
-  hparams = train.supervised_hyperparams(0.1, 0.0)
-  out, _ = program.fit(variables, x, y, hparams, rbg_key, progress=False)
+  program = train.Program(model, sgd(epochs=1, batch_size=20, crop_padding=0, train_mode=train_mode,
+                                     learning_rate=0.1, weight_decay=0.0), NORM)
+  out, _ = train.train(program, variables, x, y, rbg_key, progress=False)
   same = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)),
                                       variables["batch_stats"], out["batch_stats"]))
   assert (not any(same)) if train_mode else all(same)
@@ -189,33 +244,29 @@ def test_batch_stats_follow_train_mode(model, variables, tiny_set, rbg_key, trai
 def test_fit_raises_on_nan_loss(model, variables, tiny_set, rbg_key):
   """A loss that is NaN from the start stops ``fit`` in epoch 1 with a FloatingPointError."""
   x, y = tiny_set
-
-  def nan_loss(logits, labels, mask, hparams):
-    return train.cross_entropy(logits, labels, mask, hparams) * jnp.nan
-
-  program = train.FineTune(model, nan_loss, lambda ref, hp, steps: optax.sgd(0.1), epochs=3,
-                           batch_size=40, normalization=NORM, crop_padding=0)
+  program = train.Program(model, NaNLoss(epochs=3, batch_size=40, crop_padding=0), NORM)
   with pytest.raises(FloatingPointError, match=r"nan-test.*epoch 1\b"):
-    program.fit(variables, x, y, {}, rbg_key, progress=False, desc="nan-test")
+    train.train(program, variables, x, y, rbg_key, progress=False, desc="nan-test")
 
 
 def test_fit_raises_when_training_diverges(model, variables, tiny_set, rbg_key):
   """An absurd learning rate makes the loss NaN after the first update: the error names epoch 2."""
   x, y = tiny_set
-  program = train.supervised(model, NORM, epochs=5, batch_size=40, crop_padding=0)
+  program = train.Program(model, sgd(epochs=5, batch_size=40, crop_padding=0,
+                                     learning_rate=1e30, weight_decay=0.0), NORM)
   seen = []
   with pytest.raises(FloatingPointError, match=r"epoch 2\b"):
-    program.fit(variables, x, y, train.supervised_hyperparams(1e30, 0.0), rbg_key, progress=False,
-                callback=lambda epoch, v, loss: seen.append(epoch))
+    train.train(program, variables, x, y, rbg_key, progress=False,
+                callback=lambda epoch, state, metrics: seen.append(epoch))
   assert seen == [0]
 
 
-def test_finetune_rejects_empty_schedule(model):
-  """epochs or batch_size below 1 raise ValueError."""
-  with pytest.raises(ValueError, match="epochs"):
-    train.supervised(model, NORM, epochs=0, batch_size=8)
-  with pytest.raises(ValueError, match="batch_size"):
-    train.supervised(model, NORM, epochs=1, batch_size=0)
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("epochs", 1.5),
+                                          ("learning_rate", -1.0), ("momentum", 1.0)])
+def test_sgd_config_rejects_invalid_fields(field, value):
+  """Invalid schedule or optimizer settings raise a ValueError naming the field."""
+  with pytest.raises(ValueError, match=field):
+    train.SGDConfig(**{field: value})
 
 
 # Prediction.

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from d3jax.attacks.poison import PoisonedSet
-from d3jax.train import Normalization, SGDConfig, init_variables
+from d3jax.train import Normalization, Program, SGDConfig, init_variables, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,14 +27,14 @@ class AttackTrainConfig(SGDConfig):
 
 def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Normalization,
                      config: AttackTrainConfig, key: jax.Array, *, variables: Any = None,
-                     progress: bool = True, desc: str = "attack") -> tuple[Any, np.ndarray]:
+                     progress: bool = True, desc: str = "attack") -> tuple[Any, dict[str, np.ndarray]]:
   """Trains ``model`` (from fresh variables unless given) on the poisoned set.
 
-  Returns the final variables and the per-epoch mean training losses.
+  Returns the final variables and the per-epoch metrics (``"loss"``: mean training loss).
   """
   init_key, train_key = jax.random.split(key)
   if variables is None:
     variables = init_variables(model, poisoned.x.shape[1:], init_key)
 
-  return config.program(model, normalization).fit(variables, poisoned.x, poisoned.y, config.hyperparams(),
-                                                  train_key, desc=desc, progress=progress)
+  return train(Program(model, config, normalization), variables, poisoned.x, poisoned.y, train_key,
+               desc=desc, progress=progress)

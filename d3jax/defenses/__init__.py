@@ -1,11 +1,15 @@
-"""Post-training backdoor defenses: ``defend(name, ...)`` and the vmappable ``defense_run``.
+"""Post-training backdoor defenses, registered by name.
 
-A defense sees only the model and the reserved clean data (DESIGN.md threat model).
+``names()`` lists them, ``get(name, **overrides)`` builds a config (a frozen dataclass with the
+published defaults), ``defend(name, ...)`` runs one, and ``program(name, ...)`` gives the
+:class:`d3jax.train.Program` behind a fine-tuning defense, for ``jax.vmap``/``jax.jit`` of whole
+runs. A defense sees only the model and the reserved clean data (DESIGN.md threat model): no
+entry point here takes test data, a trigger or a target label.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
-from types import ModuleType
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -14,23 +18,54 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3jax.data.dataset import validate_images, validate_labels
-
-from d3jax.defenses import d3, ft
 from d3jax.defenses.d3 import D3Config
 from d3jax.defenses.ft import FTConfig
-from d3jax.train import Hyperparams, Normalization
+from d3jax.train import Normalization, Program, TrainState, init_state, fit
 
-DEFENSES: dict[str, tuple[ModuleType, type]] = {"ft": (ft, FTConfig), "d3": (d3, D3Config)}
+REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config}
 
 
-def lookup(name: str, config: Any) -> tuple[ModuleType, Any]:
-  if name not in DEFENSES:
-    raise ValueError(f"unknown defense {name!r}; available: {sorted(DEFENSES)}.")
-  module, config_type = DEFENSES[name]
-  config = config_type() if config is None else config
-  if not isinstance(config, config_type):
-    raise TypeError(f"defense {name!r} takes a {config_type.__name__}, got {type(config).__name__}.")
-  return module, config
+def names() -> tuple[str, ...]:
+  """The registered defenses."""
+  return tuple(REGISTRY)
+
+
+def config_type(name: str) -> type:
+  if name not in REGISTRY:
+    raise ValueError(f"unknown defense {name!r}; available: {', '.join(REGISTRY)}.")
+  return REGISTRY[name]
+
+
+def get(name: str, **overrides: Any) -> Any:
+  """The config of defense ``name`` with its published defaults and ``overrides``.
+
+  Raises:
+    ValueError: an unknown defense, an unknown field (the message lists the fields), or a field
+      value the config rejects.
+  """
+  cls = config_type(name)
+  fields = [field.name for field in dataclasses.fields(cls)]
+  unknown = sorted(set(overrides) - set(fields))
+  if unknown:
+    raise ValueError(f"defense {name!r} has no setting {', '.join(unknown)}; its settings are "
+                     f"{', '.join(fields)}.")
+  return cls(**overrides)
+
+
+def resolve(name: str, config: Any = None) -> Any:
+  """``config`` checked against defense ``name`` (None: the defaults)."""
+  cls = config_type(name)
+  if config is None:
+    return cls()
+  if type(config) is not cls:
+    raise TypeError(f"defense {name!r} takes a {cls.__name__}, got {type(config).__name__}.")
+  return config
+
+
+def program(name: str, model: nn.Module, normalization: Normalization, config: Any = None) -> Program:
+  """The training program of defense ``name``: ``program.init(...)`` then ``program.run(...)``
+  is a whole defense as one pure function (vmap it over hyperparameters or keys)."""
+  return Program(model, resolve(name, config), normalization)
 
 
 def check_reserved(model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray
@@ -43,33 +78,28 @@ def check_reserved(model: nn.Module, variables: Any, images: np.ndarray, labels:
   return images, validate_labels(np.asarray(labels), num_classes, len(images), "reserved set labels")
 
 
-def defense_run(name: str, model: nn.Module, normalization: Normalization, config: Any = None
-                ) -> tuple[Callable[..., tuple[Any, jax.Array]], Hyperparams]:
-  """A whole defense as ``run(variables, images, labels, hparams, key) -> (variables, losses)``.
-
-  ``run`` is pure: ``jax.vmap`` it over any of the hyperparameters (a dict of arrays; the second
-  return value holds the config's defaults), over keys, or over both.
-  """
-  module, config = lookup(name, config)
-  return module.program(model, normalization, config).run, module.hyperparams(config)
-
-
 def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray, *,
-           normalization: Normalization, key: jax.Array, config: Any = None,
-           progress: bool = True) -> tuple[Any, dict[str, Any]]:
+           normalization: Normalization, key: jax.Array, config: Any = None, progress: bool = True,
+           callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None
+           ) -> tuple[Any, dict[str, Any]]:
   """Runs defense ``name`` on the reserved set (images uint8 NHWC, true labels).
+
+  Compiles once per (defense config, model, data shapes): a second call with the same settings
+  reuses the compiled code. ``callback(epoch, state, metrics)`` runs after every epoch.
 
   Returns the defended variables and a log: per-epoch training losses, the wall time, and the
   config used.
   """
-  module, config = lookup(name, config)
+  defense = program(name, model, normalization, config)
   images, labels = check_reserved(model, variables, images, labels)
   start = time.perf_counter()
-  variables, losses = module.program(model, normalization, config).fit(
-      variables, images, labels, module.hyperparams(config), key, desc=name, progress=progress)
-  log = {"defense": name, "losses": losses.tolist(), "wall_time_s": time.perf_counter() - start,
-         "config": config}
-  return variables, log
+  state = init_state(defense, variables, images.shape[0], key)
+  state, history = fit(defense, state, images, labels, desc=name, progress=progress,
+                       callback=callback)
+  log = {"defense": name, "losses": history["loss"].tolist(),
+         "wall_time_s": time.perf_counter() - start, "config": defense.recipe}
+  return state.variables, log
 
 
-__all__ = ["DEFENSES", "D3Config", "FTConfig", "check_reserved", "defend", "defense_run", "lookup"]
+__all__ = ["D3Config", "FTConfig", "REGISTRY", "check_reserved", "defend", "get", "names", "program",
+           "resolve"]

@@ -1,45 +1,52 @@
-"""D3 — Distance-Driven Detoxification (paper Eq. (4); official code, spec §5).
+"""D3 — Distance-Driven Detoxification (D3 paper, Eq. (4); supplement, Algorithm 1).
 
 Fine-tune every parameter on the reserved clean set with the per-sample hinge
 mean_i max(0, CE_i − ε) while pushing the selected weights away from their backdoored values
 (distance summed over selected tensors, not squared) and projecting them back onto their
-original norm after every step (:func:`d3jax.optim.d3`). SGD momentum 0.9 without weight decay,
-cosine annealing with T_max = epochs stepped per epoch, BN in train mode, last model kept.
+original norm after every step (:func:`d3jax.optim.d3`). As in the official code: SGD momentum
+0.9 without weight decay, cosine annealing with T_max = epochs stepped per epoch, batch 256, BN in
+train mode, the last model kept, and the selected weights start from a random direction at their
+original norm (the ``random`` warm-up).
 
 Presets:
   * ``paper`` (default): λ = 10, ε = 0.1, Frobenius, the classifier head ``linear/kernel``
     (paper §4.1: "weights of the linear layers").
-  * ``official``: the released config (spec §5.1), λ = 0.5.
-Deliberate deviations: fp32 (no AMP); the reserved set is drawn with a JAX key, not python
-``random`` (spec §1.5); the last partial batch is padded by wrapping and masked (BN statistics of
-that batch see the few wrapped samples twice).
+  * ``official``: the released config file's λ = 0.5 (the rest as above).
+Deliberate deviations: fp32 (the official code too ignores its AMP flag); the reserved set is
+drawn with a JAX key, not Python's ``random``; the last partial batch is padded by wrapping and
+masked (BN statistics of that batch see the few wrapped samples twice).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from d3jax import optim
 from d3jax.optim.norms import check_norm, tensor_norm
-from d3jax.train import FineTune, Hyperparams, Normalization, cosine_per_epoch
+from d3jax.train import Hyperparams, check_schedule, cosine_per_epoch
 
 WarmUp = Literal["random", "near", "middle", "far", "noise"]
 WARM_UPS = ("random", "near", "middle", "far", "noise")
 PRESETS = ("paper", "official")
+PyTree = Any
 
 
 @dataclasses.dataclass(frozen=True)
 class D3Config:
-  """D3 settings; ``lmd``, ``eps`` and ``learning_rate`` are sweepable hyperparameters."""
+  """D3 settings; ``lmd``, ``eps``, ``learning_rate`` and ``momentum`` are hyperparameters (arrays
+  in the training state: sweepable).
+
+  ``select`` is a regular expression fully matched against '/'-joined parameter paths (e.g.
+  ``"linear/kernel"``, ``"layer4_.*/kernel"``).
+  """
   lmd: float = 10.0
   eps: float = 0.1
-  norm: str = "fro"
-  select: Any = "linear/kernel"
+  norm: Literal["fro", "l1", "nuclear"] = "fro"
+  select: str = "linear/kernel"
   warm_up: WarmUp = "random"
   epochs: int = 100
   batch_size: int = 256
@@ -51,8 +58,19 @@ class D3Config:
 
   def __post_init__(self) -> None:
     check_norm(self.norm)
+    check_schedule(self.epochs, self.batch_size)
     if self.warm_up not in WARM_UPS:
       raise ValueError(f"unknown warm_up {self.warm_up!r}; choose one of {WARM_UPS}.")
+    if not isinstance(self.select, str) or not self.select:
+      raise ValueError(f"select must be a non-empty regular expression over parameter paths, got "
+                       f"{self.select!r}.")
+    for name in ("lmd", "eps", "learning_rate"):
+      if not getattr(self, name) >= 0:
+        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
+    if not 0 <= self.momentum < 1:
+      raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
+    if self.crop_padding < 0:
+      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "D3Config":
@@ -62,13 +80,26 @@ class D3Config:
     base = {"paper": {}, "official": {"lmd": 0.5}}[name]
     return cls(**{**base, **overrides})
 
+  def hyperparams(self) -> dict[str, jax.Array]:
+    return {name: jnp.float32(getattr(self, name))
+            for name in ("lmd", "eps", "learning_rate", "momentum")}
 
-def hyperparams(config: D3Config) -> Hyperparams:
-  return {name: jnp.float32(getattr(config, name)) for name in ("lmd", "eps", "learning_rate")}
+  def loss(self, logits: jax.Array, labels: jax.Array, mask: jax.Array, hparams: Hyperparams
+           ) -> jax.Array:
+    per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return optim.clean_hinge(per_sample, hparams["eps"], mask)
+
+  def optimizer(self, hparams: Hyperparams, steps_per_epoch: jax.Array) -> optax.GradientTransformation:
+    schedule = cosine_per_epoch(hparams["learning_rate"], steps_per_epoch, self.epochs)
+    return optim.d3(None, self.select, schedule, hparams["momentum"], hparams["lmd"], self.norm)
+
+  def warm_start(self, params: PyTree, key: jax.Array) -> PyTree:
+    return warm_start(params, self.select, self.warm_up, self.norm, key)
 
 
-def warm_start(params: Any, select: Any, method: str, norm: str, key: jax.Array) -> Any:
-  """Initial values of the selected tensors (spec §5.4); everything else keeps its value.
+def warm_start(params: PyTree, select: Any, method: str, norm: str, key: jax.Array) -> PyTree:
+  """Initial values of the selected tensors (the official code's warm-up methods); everything
+  else keeps its value.
 
   random: U(−0.5, 0.5) rescaled to ‖W0‖ (a random direction at the original norm); near: W0;
   middle: 0; far: −W0; noise: W0 + N(0, 1)·std(W0) (unbiased std).
@@ -92,22 +123,3 @@ def warm_start(params: Any, select: Any, method: str, norm: str, key: jax.Array)
     else:  # noise
       out.append(leaf + jax.random.normal(leaf_key, leaf.shape, leaf.dtype) * jnp.std(leaf, ddof=1))
   return jax.tree.unflatten(treedef, out)
-
-
-def program(model: nn.Module, normalization: Normalization, config: D3Config) -> FineTune:
-  def loss(logits, labels, mask, hparams):
-    per_sample = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return optim.clean_hinge(per_sample, hparams["eps"], mask)
-
-  def optimizer(reference, hparams, steps_per_epoch):
-    schedule = cosine_per_epoch(hparams["learning_rate"], steps_per_epoch, config.epochs)
-    return optim.d3(reference, config.select, schedule, config.momentum, hparams["lmd"], config.norm)
-
-  def start(params, hparams, key):
-    del hparams
-    return warm_start(params, config.select, config.warm_up, config.norm, key)
-
-  return FineTune(model=model, loss=loss, optimizer=optimizer, epochs=config.epochs,
-                  batch_size=config.batch_size, normalization=normalization,
-                  crop_padding=config.crop_padding, flip=config.flip, train_mode=config.train_mode,
-                  warm_start=start)

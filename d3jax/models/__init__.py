@@ -13,6 +13,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from d3jax.models.conv import LOWERINGS, Conv
 from d3jax.models.preact_resnet import PreActBlock, PreActResNet18
 from d3jax.models.small_cnn import SmallCNN
 from d3jax.models.vgg import VGG, adaptive_avg_pool
@@ -32,7 +33,9 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_option(name: str, key: str, value: Any) -> None:
-  if key == "small_input":
+  if key == "conv":
+    valid, expected = value in LOWERINGS, f"one of {LOWERINGS}"
+  elif key == "small_input":
     valid, expected = isinstance(value, bool), "True or False"
   else:  # width, hidden: positive integers (hidden may also be None = the default)
     valid = (_is_int(value) and value >= 1) or (key == "hidden" and value is None)
@@ -44,8 +47,9 @@ def _check_option(name: str, key: str, value: Any) -> None:
 def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   """Builds the classifier ``name`` (one of :data:`MODELS`) with ``num_classes`` outputs.
 
-  Options: ``small_cnn``: width=32; ``preact_resnet18``: width=64 (spec §3.2);
-  ``vgg11``/``vgg19_bn``: width=64, small_input=False, hidden=None (spec §3.3).
+  Options: ``small_cnn``: width=32; ``preact_resnet18``: width=64;
+  ``vgg11``/``vgg19_bn``: width=64, small_input=False, hidden=None. Every model takes
+  ``conv="auto" | "lax" | "im2col"``, the convolution lowering (:mod:`d3jax.models.conv`).
 
   Raises:
     ValueError: unknown name, num_classes < 2, an unknown option or an invalid value.
@@ -65,5 +69,5 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   return cls(num_classes=num_classes, **fixed, **options)
 
 
-__all__ = ["MODELS", "PreActBlock", "PreActResNet18", "SmallCNN", "VGG", "adaptive_avg_pool",
-           "get_model"]
+__all__ = ["Conv", "LOWERINGS", "MODELS", "PreActBlock", "PreActResNet18", "SmallCNN", "VGG",
+           "adaptive_avg_pool", "get_model"]

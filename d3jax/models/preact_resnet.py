@@ -1,4 +1,4 @@
-"""PreAct-ResNet18 exactly as BackdoorBench builds it (reference/backdoorbench-spec.md §3.2).
+"""PreAct-ResNet18 exactly as BackdoorBench builds it (its ``models/preact_resnet.py``; He et al., ECCV 2016).
 
 Structure: a 3×3 stem conv with NO BN/ReLU after it, four stages of two :class:`PreActBlock`
 (planes 64, 128, 256, 512 × width/64; first-block strides 1, 2, 2, 2), global average pooling
@@ -11,9 +11,9 @@ check) are shared by the other models of this package.
 
 Deviations from the PyTorch reference (documented, deliberate):
 - BatchNorm updates its running variance with the biased batch variance (Flax) instead of the
-  unbiased one (PyTorch); normalisation itself is identical (spec §3.2 porting notes).
+  unbiased one (PyTorch); normalisation itself is identical.
 - ``conv1`` adapts to the input's channel count, so 1-channel inputs work (the reference is
-  3-channel only); parameter counts in the spec assume 3 channels.
+  3-channel only); the parameter counts quoted below assume 3 channels.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from d3jax.models.conv import Conv
 
 # PyTorch's default Conv/Linear weight init, kaiming_uniform(a=√5): U(±1/√fan_in).
 kaiming_uniform: nn.initializers.Initializer = nn.initializers.variance_scaling(
@@ -45,10 +47,10 @@ def batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def conv3x3(features: int, stride: int, name: str) -> nn.Conv:
+def conv3x3(features: int, stride: int, name: str, lowering: str = "auto") -> Conv:
   """3×3 conv, padding 1 on every side, no bias, PyTorch init."""
-  return nn.Conv(features, (3, 3), strides=stride, padding=_PAD1, use_bias=False,
-                 kernel_init=kaiming_uniform, name=name)
+  return Conv(features, (3, 3), strides=stride, padding=_PAD1, use_bias=False,
+              kernel_init=kaiming_uniform, lowering=lowering, name=name)
 
 
 def check_images(x: jax.Array, min_size: int, model: str) -> None:
@@ -67,7 +69,7 @@ def check_images(x: jax.Array, min_size: int, model: str) -> None:
 
 
 class PreActBlock(nn.Module):
-  """Pre-activation basic block (spec §3.2).
+  """Pre-activation basic block (BackdoorBench's ``PreActBlock``, expansion 1).
 
   a = relu(bn1(x)); shortcut = 1×1 conv(a) with ``stride`` when the stride is not 1 or the
   channel count changes, else the RAW x; out = conv2(relu(bn2(conv1(a)))) + shortcut.
@@ -75,41 +77,44 @@ class PreActBlock(nn.Module):
 
   planes: int
   stride: int = 1
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     a = nn.relu(batch_norm(train, "bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
-      shortcut = nn.Conv(self.planes, (1, 1), strides=self.stride, padding="VALID",
-                         use_bias=False, kernel_init=kaiming_uniform, name="shortcut")(a)
+      shortcut = Conv(self.planes, (1, 1), strides=self.stride, padding="VALID", use_bias=False,
+                      kernel_init=kaiming_uniform, lowering=self.conv, name="shortcut")(a)
     else:
       shortcut = x
-    out = conv3x3(self.planes, self.stride, "conv1")(a)
+    out = conv3x3(self.planes, self.stride, "conv1", self.conv)(a)
     out = nn.relu(batch_norm(train, "bn2")(out))
-    out = conv3x3(self.planes, 1, "conv2")(out)
+    out = conv3x3(self.planes, 1, "conv2", self.conv)(out)
     return out + shortcut
 
 
 class PreActResNet18(nn.Module):
-  """BackdoorBench's PreAct-ResNet18 (spec §3.2); ``width`` 64 is the paper model.
+  """BackdoorBench's PreAct-ResNet18; ``width`` 64 is the model of the D3 paper's experiments.
 
   Attributes:
     num_classes: number of output logits C.
     width: channels of the stem and of stage 1; stages use width × (1, 2, 4, 8). With width 64
       and 3-channel input there are 11,171,146 trainable parameters for C = 10.
+    conv: the convolution lowering, "auto" | "lax" | "im2col" (:mod:`d3jax.models.conv`).
   """
 
   num_classes: int
   width: int = 64
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps normalized NHWC float images to logits (N, num_classes)."""
     check_images(x, 1, "preact_resnet18")
-    out = conv3x3(self.width, 1, "conv1")(x)
+    out = conv3x3(self.width, 1, "conv1", self.conv)(x)
     for stage, (multiple, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
       for index in range(2):
-        block = PreActBlock(self.width * multiple, stride if index == 0 else 1,
+        block = PreActBlock(self.width * multiple, stride if index == 0 else 1, self.conv,
                             name=f"layer{stage}_{index}")
         out = block(out, train)
     features = jnp.mean(out, axis=(1, 2))

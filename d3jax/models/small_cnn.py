@@ -1,8 +1,8 @@
 """A small, fast CNN for tests, the demo and CPU-scale experiments (not in BackdoorBench).
 
-BackdoorBench has no small or 1-channel classifier (spec §3.3, "MNIST"); this one fills that
+BackdoorBench has no small or 1-channel classifier (its MNIST runs use PreAct-ResNet18); this one fills that
 gap. It is a conventional VGG-style net with the same layer conventions as PreAct-ResNet18
-(spec §3.2: PyTorch default init, BatchNorm momentum 0.1 in PyTorch terms, symmetric padding).
+(PyTorch default init, BatchNorm momentum 0.1 in PyTorch terms, symmetric padding).
 """
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ class SmallCNN(nn.Module):
   Attributes:
     num_classes: number of output logits C.
     width: channels of the first stage; the second stage has 2·width.
+    conv: the convolution lowering, "auto" | "lax" | "im2col" (:mod:`d3jax.models.conv`).
   """
 
   num_classes: int
   width: int = 32
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -36,7 +38,7 @@ class SmallCNN(nn.Module):
     check_images(x, 4, "small_cnn")
     features = (self.width, self.width, 2 * self.width, 2 * self.width)
     for index, channels in enumerate(features, start=1):
-      x = conv3x3(channels, 1, f"conv{index}")(x)
+      x = conv3x3(channels, 1, f"conv{index}", self.conv)(x)
       x = nn.relu(batch_norm(train, f"bn{index}")(x))
       if index % 2 == 0:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))

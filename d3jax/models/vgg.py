@@ -1,4 +1,4 @@
-"""VGG-11 and VGG-19-BN as BackdoorBench uses them (reference/backdoorbench-spec.md §3.3).
+"""VGG-11 and VGG-19-BN as BackdoorBench uses them (torchvision's VGG; Simonyan & Zisserman, ICLR 2015).
 
 Features: 3×3 convs (padding 1, with bias), each followed by BN (VGG-19-BN only) and ReLU, with
 2×2 max pools at the "M" entries of the config. Then adaptive average pooling to 7×7 (a 32×32
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3jax.models import preact_resnet
+from d3jax.models.conv import Conv
 
 # Conv channels as multiples of width (width 64 ⇒ 64, 128, 256, 512); "M" = 2×2 max pool.
 _CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -50,7 +51,7 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
 
 
 class VGG(nn.Module):
-  """VGG-``depth`` (11 or 19), optionally with BatchNorm (spec §3.3).
+  """VGG-``depth`` (11 or 19), optionally with BatchNorm.
 
   Attributes:
     num_classes: number of output logits C.
@@ -59,6 +60,7 @@ class VGG(nn.Module):
     width: channels of the first conv; the others scale with it (64 = torchvision).
     small_input: pool the features to 1×1 instead of 7×7 (see the module docstring).
     hidden: classifier hidden size; None ⇒ 4096, or 512 when ``small_input``.
+    conv: the convolution lowering, "auto" | "lax" | "im2col" (:mod:`d3jax.models.conv`).
   """
 
   num_classes: int
@@ -67,6 +69,7 @@ class VGG(nn.Module):
   width: int = 64
   small_input: bool = False
   hidden: int | None = None
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -80,8 +83,8 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         continue
       index += 1
-      x = nn.Conv(entry * self.width, (3, 3), padding=((1, 1), (1, 1)),
-                  kernel_init=_conv_init, name=f"conv{index}")(x)
+      x = Conv(entry * self.width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
+               lowering=self.conv, name=f"conv{index}")(x)
       if self.batch_norm:
         x = preact_resnet.batch_norm(train, f"bn{index}")(x)
       x = nn.relu(x)

@@ -1,9 +1,9 @@
 """Tensor norms for D3's distance and projection, with gradients safe at zero.
 
-Spec §5.5: the distance of one selected tensor is ‖W − W0‖_p on the flattened tensor (p = 2,
+The official code measures the distance of one selected tensor as ‖W − W0‖_p on the flattened tensor (p = 2,
 i.e. Frobenius). We also offer L1 and the nuclear norm (a conv kernel HWIO is viewed as the
 (H·W·I, O) matrix; a 1-D tensor as a column). The gradient at an exactly-zero argument is 0,
-as PyTorch defines it (spec §5.7, JAX note), never NaN.
+as PyTorch defines the gradient of ``torch.norm`` at zero, never NaN.
 """
 from __future__ import annotations
 
