@@ -7,6 +7,7 @@ import pytest
 from d3jax import metrics, train
 from d3jax.attacks import CleanModel, PoisonedSet, backdoor_test_set, get, poison_multi
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.attacks.wanet import WaNetProgram, WaNetTraining
 from d3jax.models import get_model
 
 pytestmark = pytest.mark.slow
@@ -57,3 +58,16 @@ def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_mod
       digits.x_test, digits.y_test, trigger, target=target, num_classes=digits.num_classes))
               for trigger, target in pairs}
   assert all(m.asr >= 0.6 and m.acc >= 0.8 for m in measured.values()), measured
+
+
+def test_wanet_training_with_noise_mode(setting, digits, rbg_key):
+  """WaNet trained as BackdoorBench does (per-batch warps, noise-mode cross samples)."""
+  model, normalization = setting
+  recipe = WaNetTraining(**{**RECIPE.__dict__, "num_classes": digits.num_classes})
+  variables, _ = train.train(WaNetProgram(model, recipe, normalization),
+                             train.init_variables(model, digits.image_shape, rbg_key),
+                             digits.x_train, digits.y_train, rbg_key, progress=False)
+  bd_test = backdoor_test_set(digits.x_test, digits.y_test, recipe.attack.trigger(digits.image_shape),
+                              num_classes=digits.num_classes)
+  measured = _measure(setting, variables, digits, bd_test)
+  assert measured.asr >= 0.8 and measured.acc >= 0.85, measured
