@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import jax
 
+from d3jax.attacks.adaptive import AdaptiveConfig
 from d3jax.attacks.lf import LFConfig
 from d3jax.attacks.triggers import LABEL_MODES, SIG, BadNets, Blended, ImageShape, Trigger
 from d3jax.attacks.trojannn import TrojanNNConfig
@@ -103,7 +104,8 @@ class SIGConfig:
 
 
 _ATTACKS: dict[str, type] = {config.name: config for config in (
-    BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, TrojanNNConfig, WaNetConfig)}
+    BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, TrojanNNConfig, WaNetConfig,
+    AdaptiveConfig)}
 
 
 def names() -> tuple[str, ...]:
