@@ -10,15 +10,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d3jax.attacks.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.attacks.triggers import LABEL_MODES, ImageShape, Trigger
-from d3jax.train import Batch, Hyperparams, Program, TrainState
+from d3jax.optim.sam import adaptive_sam
+from d3jax.sharpness import SAMProgram  # re-exported: the program that trains SAMTraining
+from d3jax.train import Hyperparams
 
 
 @dataclasses.dataclass(frozen=True)
 class SAMTraining(AttackTrainConfig):
-  """BackdoorBench's backdoor-training recipe with ASAM (:func:`d3jax.attacks.sam.adaptive_sam`)
+  """BackdoorBench's backdoor-training recipe with ASAM (:func:`d3jax.optim.sam.adaptive_sam`)
   around its SGD. ``rho`` is a hyperparameter (an array in the state: sweepable); the D3 paper
   uses budgets 1, 2 and 3."""
   rho: float = 1.0
@@ -33,20 +34,6 @@ class SAMTraining(AttackTrainConfig):
 
   def optimizer(self, hparams: Hyperparams, steps_per_epoch: jax.Array) -> optax.GradientTransformation:
     return adaptive_sam(super().optimizer(hparams, steps_per_epoch), hparams["rho"])
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class SAMProgram(Program):
-  """A :class:`d3jax.train.Program` whose step is one ASAM step: the engine's step twice on the
-  same batch (same augmentation and dropout), first the ascent to w + e, then the descent from w
-  with the gradient at w + e. As in BackdoorBench's SAM, the second pass does not update the BN
-  running statistics; the reported loss is the one at w."""
-  recipe: SAMTraining
-
-  def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    ascended, metrics = super().step(state, batch)
-    descended, _ = super().step(ascended.replace(step=state.step), batch)
-    return descended.replace(batch_stats=ascended.batch_stats), metrics
 
 
 @dataclasses.dataclass(frozen=True)
