@@ -19,10 +19,15 @@ import numpy as np
 
 from d3jax.data.dataset import validate_images, validate_labels
 from d3jax.defenses.d3 import D3Config
+from d3jax.defenses.fst import FSTConfig
 from d3jax.defenses.ft import FTConfig
+from d3jax.defenses.ft_sam import FTSAMConfig
+from d3jax.defenses.nft import NFTConfig
+from d3jax.defenses.super_ft import SuperFTConfig
 from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
-REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config}
+REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
+                             "fst": FSTConfig, "super-ft": SuperFTConfig}
 
 
 def names() -> tuple[str, ...]:
@@ -64,8 +69,10 @@ def resolve(name: str, config: Any = None) -> Any:
 
 def program(name: str, model: nn.Module, normalization: Normalization, config: Any = None) -> Program:
   """The training program of defense ``name``: ``program.init(...)`` then ``program.run(...)``
-  is a whole defense as one pure function (vmap it over hyperparameters or keys)."""
-  return Program(model, resolve(name, config), normalization)
+  is a whole defense as one pure function (vmap it over hyperparameters or keys). A config class
+  that sets ``program_class`` (a :class:`Program` with its own step) runs in that program."""
+  config = resolve(name, config)
+  return getattr(config, "program_class", Program)(model, config, normalization)
 
 
 def check_reserved(model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray
@@ -101,5 +108,5 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["D3Config", "FTConfig", "REGISTRY", "check_reserved", "defend", "get", "names", "program",
+__all__ = ["D3Config", "FSTConfig", "FTConfig", "FTSAMConfig", "NFTConfig", "SuperFTConfig", "REGISTRY", "check_reserved", "defend", "get", "names", "program",
            "resolve"]
