@@ -19,6 +19,7 @@ import numpy as np
 
 from d3jax.data.dataset import validate_images, validate_labels
 from d3jax.defenses.d3 import D3Config
+from d3jax.defenses.fp import FPConfig
 from d3jax.defenses.fst import FSTConfig
 from d3jax.defenses.ft import FTConfig
 from d3jax.defenses.ft_sam import FTSAMConfig
@@ -27,7 +28,7 @@ from d3jax.defenses.super_ft import SuperFTConfig
 from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
-                             "fst": FSTConfig, "super-ft": SuperFTConfig}
+                             "fst": FSTConfig, "fp": FPConfig, "super-ft": SuperFTConfig}
 
 
 def names() -> tuple[str, ...]:
@@ -95,18 +96,28 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   reuses the compiled code. ``callback(epoch, state, metrics)`` runs after every epoch;
   ``restore(fresh_state)`` may return a saved state of this run to continue from (resume).
 
-  Returns the defended variables and a log: per-epoch training losses, the wall time, and the
-  config used.
+  A defense that is not one fine-tuning program (FP: prune, then fine-tune) has a config class
+  with its own ``defend(model, variables, images, labels, *, normalization, key, progress,
+  callback, restore)``, which runs its stages on the engine; ``callback`` and ``restore`` then
+  concern its last training stage.
+
+  Returns the defended variables and a log: per-epoch training losses (of the last training
+  stage), the wall time, the config used, and what the defense decided (e.g. FP's pruning).
   """
-  defense = program(name, model, normalization, config)
+  config = resolve(name, config)
   images, labels = check_reserved(model, variables, images, labels)
   start = time.perf_counter()
-  variables, history = train(defense, variables, images, labels, key, desc=name, progress=progress,
-                             callback=callback, restore=restore)
-  log = {"defense": name, "losses": history.get("loss", np.zeros(0)).tolist(),
-         "wall_time_s": time.perf_counter() - start, "config": defense.recipe}
+  if hasattr(config, "defend"):
+    variables, log = config.defend(model, variables, images, labels, normalization=normalization,
+                                   key=key, progress=progress, callback=callback, restore=restore)
+  else:
+    variables, history = train(program(name, model, normalization, config), variables, images,
+                               labels, key, desc=name, progress=progress, callback=callback,
+                               restore=restore)
+    log = {"losses": history.get("loss", np.zeros(0)).tolist()}
+  log = {"defense": name, **log, "wall_time_s": time.perf_counter() - start, "config": config}
   return variables, log
 
 
-__all__ = ["D3Config", "FSTConfig", "FTConfig", "FTSAMConfig", "NFTConfig", "SuperFTConfig", "REGISTRY", "check_reserved", "defend", "get", "names", "program",
-           "resolve"]
+__all__ = ["D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "NFTConfig", "REGISTRY",
+           "SuperFTConfig", "check_reserved", "defend", "get", "names", "program", "resolve"]
