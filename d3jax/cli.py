@@ -26,7 +26,7 @@ import yaml
 from tqdm import tqdm
 
 import d3jax
-from d3jax import compile_cache, defenses, pipeline, runs
+from d3jax import compile_cache, defenses, pipeline, runs, table
 from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
@@ -123,8 +123,18 @@ class DemoCommand:
   session: Annotated[Session, Flat] = Session()
 
 
+@dataclasses.dataclass(frozen=True)
+class TableCommand:
+  """Run attacks × defenses × seeds and print the D3 paper's Table 1 (reuses finished runs,
+  resumes interrupted ones); writes table.csv, table.json, table.txt and der.png to --out."""
+  out: str
+  """directory of the table: its attack and defense run directories and the results"""
+  spec: Annotated[table.TableSpec, Flat] = table.TableSpec()
+  session: Annotated[Session, Flat] = Session()
+
+
 COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "eval": EvalCommand,
-            "show": ShowCommand, "demo": DemoCommand}
+            "show": ShowCommand, "demo": DemoCommand, "table": TableCommand}
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -254,6 +264,10 @@ def run_command(command: Any) -> None:
     print(pipeline.format_table(rows))
   elif isinstance(command, EvalCommand):
     print(pipeline.format_table([runs.load(command.run).measure()]))
+  elif isinstance(command, TableCommand):
+    result = table.run_table(command.spec, command.out, progress=progress)
+    print(table.format_table(result["cells"], command.spec.attacks, command.spec.defenses,
+                             command.spec.seeds))
   elif isinstance(command, ShowCommand):
     loaded = runs.load(command.run)
     print(yaml.safe_dump(loaded.config, sort_keys=False), end="")
