@@ -21,6 +21,7 @@ from d3jax.data.dataset import validate_images, validate_labels
 from d3jax.defenses.d3 import D3Config
 from d3jax.defenses.fp import FPConfig
 from d3jax.defenses.fst import FSTConfig
+from d3jax.defenses.nc import NCConfig
 from d3jax.defenses.ft import FTConfig
 from d3jax.defenses.ft_sam import FTSAMConfig
 from d3jax.defenses.nft import NFTConfig
@@ -28,7 +29,7 @@ from d3jax.defenses.super_ft import SuperFTConfig
 from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
-                             "fst": FSTConfig, "fp": FPConfig, "super-ft": SuperFTConfig}
+                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "super-ft": SuperFTConfig}
 
 
 def names() -> tuple[str, ...]:
@@ -119,5 +120,5 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "NFTConfig", "REGISTRY",
+__all__ = ["D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "NCConfig", "NFTConfig", "REGISTRY",
            "SuperFTConfig", "check_reserved", "defend", "get", "names", "program", "resolve"]
