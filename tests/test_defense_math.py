@@ -11,7 +11,8 @@ import optax
 import pytest
 
 from d3jax import defenses
-from d3jax.defenses import FPConfig, FSTConfig, FTSAMConfig, NFTConfig, SuperFTConfig
+from d3jax.defenses import FPConfig, FSTConfig, FTSAMConfig, NCConfig, NFTConfig, SuperFTConfig
+from d3jax.defenses import nc
 from d3jax.defenses.fp import prune_depth
 from d3jax.defenses.fst import reinitialise_head
 from d3jax.defenses.ft_sam import cosine_per_step, smoothed_cross_entropy
@@ -211,6 +212,9 @@ def test_registry_has_the_baselines():
     ("super-ft", "epochs", 0, "epochs must be an integer ≥ 1"),
     ("fp", "acc_ratio", 1.0, r"acc_ratio must be in \(0, 1\)"),
     ("fp", "holdout", 0.0, r"holdout must be in \(0, 1\)"),
+    ("nc", "init_cost", 0.0, "init_cost must be > 0"),
+    ("nc", "nc_epochs", 0, "nc_epochs must be an integer ≥ 1"),
+    ("nc", "cost_multiplier", 1.0, "cost_multiplier must be > 1"),
 ])
 def test_baseline_configs_reject_invalid_fields(name, field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -223,7 +227,7 @@ def test_no_defense_stage_takes_test_data():
   expected = ["self", "model", "variables", "images", "labels", "normalization", "key", "progress",
               "callback", "restore"]
   staged = [cls for cls in defenses.REGISTRY.values() if hasattr(cls, "defend")]
-  assert FPConfig in staged
+  assert FPConfig in staged and NCConfig in staged
   for cls in staged:
     assert list(inspect.signature(cls.defend).parameters) == expected, cls
 
@@ -235,3 +239,27 @@ def test_nft_and_ft_sam_run_in_their_programs():
   assert type(defenses.program("ft-sam", None, None)) is SAMProgram
   assert defenses.program("ft-sam", None, None, FTSAMConfig(rho=3.0)) == defenses.program("ft-sam", None, None)
   assert type(defenses.program("nft", None, None, NFTConfig(l1=0.1))) is NFTProgram
+
+
+# NC.
+
+
+def test_nc_anomaly_index_is_the_mad_statistic():
+  """index = |L − median| / (1.4826·MAD); flagged: below the median and index > 2."""
+  norms = np.array([10.0, 11.0, 9.0, 10.5, 9.5, 1.0])
+  median = np.median(norms)
+  mad = 1.4826 * np.median(np.abs(norms - median))
+  np.testing.assert_allclose(nc.anomaly_index(norms), np.abs(norms - median) / mad)
+  assert nc.flagged_labels(norms, 2.0) == [5]
+  assert nc.flagged_labels(np.array([10.0, 11.0, 9.0, 10.5, 9.5, 30.0]), 2.0) == []  # large: not flagged
+  assert nc.flagged_labels(np.full(5, 3.0), 2.0) == []  # MAD 0, nothing deviates
+
+
+def test_nc_stamp_and_squash():
+  """The stamp mixes in pixel space with rounding and clipping; squash maps into [0, 1] (open in exact arithmetic)."""
+  images = np.full((1, 2, 2, 1), 100, np.uint8)
+  mask = np.array([[[0.0], [1.0]], [[0.5], [0.25]]], np.float32)
+  pattern = np.array([[[1.0], [1.0]], [[0.0], [1.0]]], np.float32)
+  np.testing.assert_array_equal(nc.stamp(images, mask, pattern)[0, ..., 0], [[100, 255], [50, 139]])
+  assert float(nc.squash(jnp.float32(0.0))) == pytest.approx(0.5)
+  assert 0 <= float(nc.squash(jnp.float32(-50.0))) < 1e-6 and 0.999 < float(nc.squash(jnp.float32(50.0))) <= 1

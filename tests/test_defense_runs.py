@@ -87,3 +87,21 @@ def test_fp_prunes_then_fine_tunes(backdoor):
   assert log["pruned"] > 0 and log["features"] == 16 and log["holdout_acc"][0] > 0.8
   kernel = np.asarray(defended["params"]["linear"]["kernel"])
   assert (np.abs(kernel).sum(axis=1) == 0).sum() == log["pruned"]
+
+
+def test_nc_flags_the_target_and_unlearns(backdoor):
+  """NC flags the BadNets target (label 0) and no other, and unlearning lowers the ASR."""
+  _, log, before, after = _defend(backdoor, "nc", nc_epochs=40, epochs=5, learning_rate=0.02)
+  assert log["flagged"] == [0] and not log["unchanged"], log["anomaly_index"]
+  assert after.asr < 0.3 and after.acc >= 0.8, (before, after)
+
+
+def test_nc_returns_a_clean_model_unchanged(backdoor, digits, rbg_key):
+  """With an anomaly threshold no label reaches, the variables come back untouched and the log
+  says so."""
+  model, norm, variables, x, y, _, _ = backdoor
+  config = defenses.get("nc", nc_epochs=2, anomaly_threshold=1e9, **SHORT)
+  defended, log = defenses.defend("nc", model, variables, x, y, normalization=norm, key=rbg_key,
+                                  config=config, progress=False)
+  assert log["unchanged"] and log["flagged"] == [] and log["losses"] == []
+  assert defended is variables
