@@ -24,12 +24,13 @@ from d3jax.defenses.fst import FSTConfig
 from d3jax.defenses.nc import NCConfig
 from d3jax.defenses.ft import FTConfig
 from d3jax.defenses.ft_sam import FTSAMConfig
+from d3jax.defenses.ibau import IBAUConfig
 from d3jax.defenses.nft import NFTConfig
 from d3jax.defenses.super_ft import SuperFTConfig
 from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
-                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "super-ft": SuperFTConfig}
+                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "i-bau": IBAUConfig, "super-ft": SuperFTConfig}
 
 
 def names() -> tuple[str, ...]:
@@ -120,5 +121,5 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "NCConfig", "NFTConfig", "REGISTRY",
+__all__ = ["D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig", "NCConfig", "NFTConfig", "REGISTRY",
            "SuperFTConfig", "check_reserved", "defend", "get", "names", "program", "resolve"]
