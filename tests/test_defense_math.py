@@ -15,9 +15,11 @@ from d3jax.defenses import FPConfig, FSTConfig, FTSAMConfig, NCConfig, NFTConfig
 from d3jax.defenses import nc
 from d3jax.defenses.fp import prune_depth
 from d3jax.defenses.fst import reinitialise_head
+from d3jax.defenses.ibau import project_l2
 from d3jax.defenses.ft_sam import cosine_per_step, smoothed_cross_entropy
 from d3jax.defenses.super_ft import cyclic_rate
 from d3jax.optim.fst import feature_shift
+from d3jax.optim.hypergrad import hypergradient
 from d3jax.optim.masks import lower_bounds, mask_penalty, neuron_masks
 from d3jax.optim.prune import keep_pruned
 
@@ -213,6 +215,8 @@ def test_registry_has_the_baselines():
     ("fp", "acc_ratio", 1.0, r"acc_ratio must be in \(0, 1\)"),
     ("fp", "holdout", 0.0, r"holdout must be in \(0, 1\)"),
     ("nc", "init_cost", 0.0, "init_cost must be > 0"),
+    ("i-bau", "radius", 0.0, "radius must be > 0"),
+    ("i-bau", "train_mode", True, "train_mode must be False"),
     ("nc", "nc_epochs", 0, "nc_epochs must be an integer ≥ 1"),
     ("nc", "cost_multiplier", 1.0, "cost_multiplier must be > 1"),
 ])
@@ -263,3 +267,54 @@ def test_nc_stamp_and_squash():
   np.testing.assert_array_equal(nc.stamp(images, mask, pattern)[0, ..., 0], [[100, 255], [50, 139]])
   assert float(nc.squash(jnp.float32(0.0))) == pytest.approx(0.5)
   assert 0 <= float(nc.squash(jnp.float32(-50.0))) < 1e-6 and 0.999 < float(nc.squash(jnp.float32(50.0))) <= 1
+
+
+# i-BAU.
+
+
+def _bilevel():
+  """A tiny bilevel problem: Φ(δ, W) = δ − η·∇_δ[½‖Wδ − b‖² + ½λ‖δ‖²] (a contraction) and a
+  smooth outer loss of both."""
+  b, x = jnp.array([1.0, -2.0]), jnp.array([0.3, -0.1, 0.2])
+
+  def inner_map(delta, params):
+    return delta - 0.1 * jax.grad(lambda d: 0.5 * jnp.sum((params["w"] @ d - b) ** 2)
+                                  + 0.05 * jnp.sum(d ** 2))(delta)
+
+  def outer_loss(delta, params):
+    return jnp.sum(jnp.tanh(params["w"] @ (x + delta))) + 0.1 * jnp.sum(params["w"] ** 2)
+
+  return inner_map, outer_loss
+
+
+def test_ibau_hypergradient_matches_finite_differences():
+  """dL(δ*(W), W)/dW by K Neumann terms equals central differences of W ↦ L(δ*(W), W), δ* the
+  fixed point; with K = 0 it is the partial derivative ∂L/∂W alone."""
+  jax.config.update("jax_enable_x64", True)
+  try:
+    inner_map, outer_loss = _bilevel()
+    params = {"w": jnp.array([[1.0, 0.5, -0.3], [0.2, -0.8, 0.6]], jnp.float64)}
+
+    def fixed_point(p):
+      return jax.lax.fori_loop(0, 3000, lambda _, d: inner_map(d, p), jnp.zeros(3, jnp.float64))
+
+    delta = fixed_point(params)
+    total = hypergradient(inner_map, outer_loss, delta, params, iterations=2000)["w"]
+    numeric = np.zeros((2, 3))
+    for i in range(2):
+      for j in range(3):
+        step = np.zeros((2, 3)); step[i, j] = 1e-5
+        up, down = {"w": params["w"] + step}, {"w": params["w"] - step}
+        numeric[i, j] = (outer_loss(fixed_point(up), up) - outer_loss(fixed_point(down), down)) / 2e-5
+    np.testing.assert_allclose(total, numeric, rtol=1e-5, atol=1e-8)
+    partial = jax.grad(outer_loss, argnums=1)(delta, params)["w"]
+    np.testing.assert_allclose(hypergradient(inner_map, outer_loss, delta, params, 0)["w"], partial)
+    assert not np.allclose(partial, numeric, atol=1e-3)  # the implicit term matters here
+  finally:
+    jax.config.update("jax_enable_x64", False)
+
+
+def test_ibau_projection_onto_the_l2_ball():
+  inside, outside = jnp.array([3.0, 4.0]), jnp.array([30.0, 40.0])
+  np.testing.assert_allclose(project_l2(inside, 10.0), inside)
+  np.testing.assert_allclose(project_l2(outside, 10.0), [6.0, 8.0], rtol=1e-6)

@@ -105,3 +105,12 @@ def test_nc_returns_a_clean_model_unchanged(backdoor, digits, rbg_key):
                                   config=config, progress=False)
   assert log["unchanged"] and log["flagged"] == [] and log["losses"] == []
   assert defended is variables
+
+
+def test_ibau_unlearns_in_eval_mode(backdoor):
+  """i-BAU lowers the ASR; BN running statistics are untouched (eval mode throughout)."""
+  defended, log, before, after = _defend(backdoor, "i-bau", epochs=5, patch_fraction=0.5,
+                                         learning_rate=1e-3)
+  assert after.asr < 0.3 and after.asr < 0.5 * before.asr and after.acc >= 0.5, (before, after)
+  jax.tree.map(np.testing.assert_array_equal, defended["batch_stats"], backdoor[2]["batch_stats"])
+  assert len(log["losses"]) == 5
