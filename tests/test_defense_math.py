@@ -12,7 +12,7 @@ import pytest
 
 from d3jax import defenses
 from d3jax.defenses import FPConfig, FSTConfig, FTSAMConfig, NCConfig, NFTConfig, SuperFTConfig
-from d3jax.defenses import nc
+from d3jax.defenses import anp, nc
 from d3jax.defenses.fp import prune_depth
 from d3jax.defenses.fst import reinitialise_head
 from d3jax.defenses.ibau import project_l2
@@ -194,7 +194,8 @@ def test_keep_pruned_holds_zeros_through_momentum_and_decay():
 
 
 def test_registry_has_the_baselines():
-  assert {"ft", "d3", "ft-sam", "nft", "fst", "super-ft", "fp"} <= set(defenses.names())
+  assert set(defenses.names()) == {"ft", "d3", "ft-sam", "nft", "fst", "super-ft", "fp", "nc",
+                                   "i-bau", "anp"}
   assert defenses.get("ft-sam").rho == 2.0 and defenses.get("ft-sam").label_smoothing == 0.1
   nft = defenses.get("nft")
   assert (nft.clamp_alpha, nft.clamp_beta, nft.l1, nft.mixup_alpha, nft.learning_rate,
@@ -216,6 +217,8 @@ def test_registry_has_the_baselines():
     ("fp", "holdout", 0.0, r"holdout must be in \(0, 1\)"),
     ("nc", "init_cost", 0.0, "init_cost must be > 0"),
     ("i-bau", "radius", 0.0, "radius must be > 0"),
+    ("anp", "alpha", 1.5, r"alpha must be in \[0, 1\]"),
+    ("anp", "pruning_step", 0.0, r"pruning_step must be in \(0, 1\)"),
     ("i-bau", "train_mode", True, "train_mode must be False"),
     ("nc", "nc_epochs", 0, "nc_epochs must be an integer ≥ 1"),
     ("nc", "cost_multiplier", 1.0, "cost_multiplier must be > 1"),
@@ -231,7 +234,7 @@ def test_no_defense_stage_takes_test_data():
   expected = ["self", "model", "variables", "images", "labels", "normalization", "key", "progress",
               "callback", "restore"]
   staged = [cls for cls in defenses.REGISTRY.values() if hasattr(cls, "defend")]
-  assert FPConfig in staged and NCConfig in staged
+  assert {FPConfig, NCConfig, anp.ANPConfig} <= set(staged)
   for cls in staged:
     assert list(inspect.signature(cls.defend).parameters) == expected, cls
 
@@ -318,3 +321,29 @@ def test_ibau_projection_onto_the_l2_ball():
   inside, outside = jnp.array([3.0, 4.0]), jnp.array([30.0, 40.0])
   np.testing.assert_allclose(project_l2(inside, 10.0), inside)
   np.testing.assert_allclose(project_l2(outside, 10.0), [6.0, 8.0], rtol=1e-6)
+
+
+# ANP.
+
+
+def test_anp_noisy_bn_and_pruning_by_masks():
+  """The noisy BN is γ₀·(m + δ), β·(1 + ξ) on masked modules only; pruning zeroes γ where
+  m ≤ threshold and keeps β; channels with γ₀ = 0 count as unmasked."""
+  reference = {"bn1": {"scale": TOY["bn1"]["scale"], "bias": None}, "bn2": {"scale": None}, "linear": None}
+  delta = {"bn1": {"scale": jnp.array([0.1, 0.2, -0.5])}}
+  xi = {"bn1": {"scale": jnp.array([0.5, 0.0, -1.0])}}
+  params = {**TOY, "bn1": {**TOY["bn1"], "scale": TOY["bn1"]["scale"] * 0.5}}  # m = 0.5
+  noisy = anp._with_noise(params, reference, (delta, xi))
+  np.testing.assert_allclose(noisy["bn1"]["scale"], np.asarray(TOY["bn1"]["scale"]) * (0.5 + np.array([0.1, 0.2, -0.5])))
+  np.testing.assert_allclose(noisy["bn1"]["bias"], np.asarray(TOY["bn1"]["bias"]) * [1.5, 1.0, 0.0])
+  np.testing.assert_array_equal(noisy["bn2"]["scale"], TOY["bn2"]["scale"])
+  trained = {**TOY, "bn1": {**TOY["bn1"], "scale": TOY["bn1"]["scale"] * jnp.array([0.1, 0.5, 0.9])},
+             "bn2": {"scale": jnp.array([0.3, 0.0])}}
+  masks = anp.channel_masks(TOY, trained, r".*/scale")
+  np.testing.assert_allclose(masks["bn1"]["scale"], [0.1, 0.5, 0.9], rtol=1e-6)
+  np.testing.assert_allclose(masks["bn2"]["scale"], [0.1, 1.0], rtol=1e-6)
+  pruned = anp.prune_by_masks(TOY, masks, 0.5)
+  np.testing.assert_array_equal(pruned["bn1"]["scale"], [0.0, 0.0, 0.5])
+  np.testing.assert_array_equal(pruned["bn2"]["scale"], [0.0, 0.0])
+  np.testing.assert_array_equal(pruned["bn1"]["bias"], TOY["bn1"]["bias"])
+  assert list(anp.ANPConfig().thresholds().round(2)) == [round(0.05 * i, 2) for i in range(19)]

@@ -114,3 +114,24 @@ def test_ibau_unlearns_in_eval_mode(backdoor):
   assert after.asr < 0.3 and after.asr < 0.5 * before.asr and after.acc >= 0.5, (before, after)
   jax.tree.map(np.testing.assert_array_equal, defended["batch_stats"], backdoor[2]["batch_stats"])
   assert len(log["losses"]) == 5
+
+
+def test_anp_prunes_bn_channels_by_the_held_out_rule(backdoor):
+  """ANP trains masks and returns the original model with some BN scales zeroed (shifts and all
+  other parameters untouched), chosen by its held-out rule. (On this tiny CNN ANP does not
+  reliably lower the ASR; the mechanics are what is tested here.)"""
+  defended, log, _, _ = _defend(backdoor, "anp", epochs=4, holdout=0.2, acc_ratio=0.3)
+  original = backdoor[2]["params"]
+  accuracies = np.asarray(log["holdout_acc"])
+  assert len(accuracies) == 20 and np.all(np.isfinite(log["losses"]))
+  chosen = 0 if log["threshold"] is None else int(round(log["threshold"] / 0.05)) + 1
+  assert accuracies[0] - accuracies[chosen] < 0.3 * accuracies[0]
+  zeroed = 0
+  for index in range(1, 5):
+    bn = f"bn{index}"
+    np.testing.assert_array_equal(defended["params"][bn]["bias"], original[bn]["bias"])
+    scale, before = np.asarray(defended["params"][bn]["scale"]), np.asarray(original[bn]["scale"])
+    assert np.all((scale == before) | (scale == 0))
+    zeroed += int(np.sum((scale == 0) & (before != 0)))
+  assert zeroed == log["pruned"]
+  np.testing.assert_array_equal(defended["params"]["linear"]["kernel"], original["linear"]["kernel"])

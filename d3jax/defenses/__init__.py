@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3jax.data.dataset import validate_images, validate_labels
+from d3jax.defenses.anp import ANPConfig
 from d3jax.defenses.d3 import D3Config
 from d3jax.defenses.fp import FPConfig
 from d3jax.defenses.fst import FSTConfig
@@ -30,7 +31,7 @@ from d3jax.defenses.super_ft import SuperFTConfig
 from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
-                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "i-bau": IBAUConfig, "super-ft": SuperFTConfig}
+                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "i-bau": IBAUConfig, "anp": ANPConfig, "super-ft": SuperFTConfig}
 
 
 def names() -> tuple[str, ...]:
@@ -121,5 +122,5 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig", "NCConfig", "NFTConfig", "REGISTRY",
+__all__ = ["ANPConfig", "D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig", "NCConfig", "NFTConfig", "REGISTRY",
            "SuperFTConfig", "check_reserved", "defend", "get", "names", "program", "resolve"]
