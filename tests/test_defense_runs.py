@@ -2,6 +2,8 @@
 backdoored model (ASR ≥ 0.8), a reserved 10% of the clean training set, a few epochs per
 defense; the ASR must drop while the clean accuracy holds. Also: NFT's defended variables are
 the plain model's with only BN scales changed (masks folded in), and FP prunes then fine-tunes."""
+import logging
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from d3jax import defenses, metrics, train
 from d3jax.attacks import BadNets, poison_dataset
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.defenses import nc
 from d3jax.data import draw_reserved, subset
 from d3jax.models import get_model
 from d3jax.optim.masks import lower_bounds
@@ -96,15 +99,20 @@ def test_nc_flags_the_target_and_unlearns(backdoor):
   assert after.asr < 0.3 and after.acc >= 0.8, (before, after)
 
 
-def test_nc_returns_a_clean_model_unchanged(backdoor, digits, rbg_key):
-  """With an anomaly threshold no label reaches, the variables come back untouched and the log
-  says so."""
+def test_nc_returns_an_unflagged_model_unchanged(backdoor, monkeypatch, caplog):
+  """When no mask norm is an outlier, the variables come back untouched, nothing is trained, and
+  the log says so."""
   model, norm, variables, x, y, _, _ = backdoor
-  config = defenses.get("nc", nc_epochs=2, anomaly_threshold=1e9, **SHORT)
-  defended, log = defenses.defend("nc", model, variables, x, y, normalization=norm, key=rbg_key,
-                                  config=config, progress=False)
+  norms = np.array([40.0, 42.0, 38.0, 41.0, 39.0, 40.5, 39.5, 40.0, 41.5, 38.5])
+  masks = np.zeros((10,) + x.shape[1:3] + (1,), np.float32)
+  monkeypatch.setattr(nc, "reverse_engineer", lambda *args: (masks, masks, norms))
+  monkeypatch.setattr(nc, "train", lambda *args, **kwargs: pytest.fail("NC trained an unflagged model"))
+  with caplog.at_level(logging.INFO, logger="d3jax"):
+    defended, log = defenses.defend("nc", model, variables, x, y, normalization=norm,
+                                    key=jax.random.key(0), config=defenses.get("nc", **SHORT),
+                                    progress=False)
   assert log["unchanged"] and log["flagged"] == [] and log["losses"] == []
-  assert defended is variables
+  assert defended is variables and "returned unchanged" in caplog.text
 
 
 def test_ibau_unlearns_in_eval_mode(backdoor):
@@ -120,7 +128,7 @@ def test_anp_prunes_bn_channels_by_the_held_out_rule(backdoor):
   """ANP trains masks and returns the original model with some BN scales zeroed (shifts and all
   other parameters untouched), chosen by its held-out rule. (On this tiny CNN ANP does not
   reliably lower the ASR; the mechanics are what is tested here.)"""
-  defended, log, _, _ = _defend(backdoor, "anp", epochs=4, holdout=0.2, acc_ratio=0.3)
+  defended, log, _, _ = _defend(backdoor, "anp", epochs=2, holdout=0.2, acc_ratio=0.3)
   original = backdoor[2]["params"]
   accuracies = np.asarray(log["holdout_acc"])
   assert len(accuracies) == 20 and np.all(np.isfinite(log["losses"]))
