@@ -207,7 +207,10 @@ def test_registry_has_the_baselines():
 @pytest.mark.parametrize("name, field, value, match", [
     ("ft-sam", "rho", 0.0, "rho must be > 0"),
     ("ft-sam", "label_smoothing", 1.0, r"label_smoothing must be in \[0, 1\)"),
-    ("nft", "clamp_alpha", 1.5, r"clamp_alpha must be in \(0, 1\]"),
+    ("nft", "clamp_alpha", 1.5, r"clamp_alpha must be in \[0, 1\]"),
+    ("nft", "clamp_alpha", 0.0, "clamp_alpha must be > 0"),
+    ("i-bau", "fixed_point_iterations", 0, "fixed_point_iterations must be an integer ≥ 1"),
+    ("fst", "momentum", 1.0, r"momentum must be in \[0, 1\)"),
     ("nft", "mixup_alpha", 0.0, "mixup_alpha must be > 0"),
     ("nft", "select", "", "select must be a non-empty"),
     ("fst", "alpha", -1.0, "alpha must be ≥ 0"),

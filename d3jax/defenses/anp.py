@@ -35,11 +35,11 @@ import optax
 
 from d3jax.data.augment import augment, normalize
 from d3jax.data.splits import split_holdout
+from d3jax.defenses.checks import check_fields, check_select
 from d3jax.optim.masks import neuron_masks
 from d3jax.optim.selection import select_mask
 from d3jax.train import (_STEP_STREAM, Batch, EpochCallback, Hyperparams, Normalization, Program,
-                         Restore, TrainState, check_schedule, cross_entropy, join_variables, predict,
-                         train)
+                         Restore, TrainState, cross_entropy, join_variables, predict, train)
 
 PyTree = Any
 
@@ -121,21 +121,9 @@ class ANPConfig:
   program_class: ClassVar[type] = ANPProgram
 
   def __post_init__(self) -> None:
-    check_schedule(self.epochs, self.batch_size)
-    for name in ("eps", "learning_rate"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
-    for name in ("alpha", "pruning_max"):
-      if not 0 <= getattr(self, name) <= 1:
-        raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)!r}.")
-    for name in ("pruning_step", "acc_ratio", "holdout"):
-      if not 0 < getattr(self, name) < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}.")
-    if not 0 <= self.momentum < 1:
-      raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-    if not isinstance(self.select, str) or not self.select:
-      raise ValueError(f"select must be a non-empty regular expression over parameter paths, got "
-                       f"{self.select!r}.")
+    check_select(self.select)
+    check_fields(self, nonnegative=("eps", "learning_rate"), unit=("alpha", "pruning_max"),
+                 fractions=("pruning_step", "acc_ratio", "holdout"))
 
   def hyperparams(self) -> dict[str, jax.Array]:
     return {name: jnp.float32(getattr(self, name)) for name in ("eps", "alpha", "learning_rate", "momentum")}

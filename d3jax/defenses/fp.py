@@ -31,6 +31,7 @@ import optax
 
 from d3jax.data.splits import split_holdout
 from d3jax.defenses.features import head_inputs
+from d3jax.defenses.checks import check_fields
 from d3jax.optim.prune import keep_pruned
 from d3jax.train import EpochCallback, Hyperparams, Normalization, Program, Restore, SGDConfig, train
 
@@ -67,9 +68,7 @@ class FPConfig(SGDConfig):
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    for name in ("acc_ratio", "prune_step", "holdout"):
-      if not 0 < getattr(self, name) < 1:
-        raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)!r}.")
+    check_fields(self, fractions=("acc_ratio", "prune_step", "holdout"))
 
   def optimizer(self, hparams: Hyperparams, steps_per_epoch: Any) -> optax.GradientTransformation:
     return optax.chain(super().optimizer(hparams, steps_per_epoch), keep_pruned(f"{self.head}/kernel"))

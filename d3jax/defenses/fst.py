@@ -24,7 +24,8 @@ import optax
 
 from d3jax.optim.d3 import project_norm
 from d3jax.optim.fst import feature_shift
-from d3jax.train import Hyperparams, check_schedule, cosine_per_epoch, cross_entropy
+from d3jax.defenses.checks import check_fields
+from d3jax.train import Hyperparams, cosine_per_epoch, cross_entropy
 
 PyTree = Any
 
@@ -58,14 +59,7 @@ class FSTConfig:
   train_mode: bool = True
 
   def __post_init__(self) -> None:
-    check_schedule(self.epochs, self.batch_size)
-    for name in ("alpha", "learning_rate"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
-    if not 0 <= self.momentum < 1:
-      raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-    if self.crop_padding < 0:
-      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
+    check_fields(self, nonnegative=("alpha", "learning_rate"))
 
   @property
   def select(self) -> str:

@@ -30,8 +30,9 @@ import optax
 from d3jax.data.augment import augment, normalize
 from d3jax.optim.d3 import masked_mean
 from d3jax.optim.hypergrad import hypergradient
+from d3jax.defenses.checks import check_fields
 from d3jax.train import (_PLAN_STREAM, _STEP_STREAM, Hyperparams, Program, TrainState, batch_plan,
-                         check_schedule, cross_entropy, join_variables)
+                         cross_entropy, join_variables)
 
 PyTree = Any
 
@@ -121,17 +122,8 @@ class IBAUConfig:
   program_class: ClassVar[type] = IBAUProgram
 
   def __post_init__(self) -> None:
-    check_schedule(self.epochs, self.batch_size)
-    check_schedule(self.fixed_point_iterations, 1)
-    for name in ("learning_rate", "perturbation_lr", "inner_lr", "delta_l2"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
-    if not self.radius > 0:
-      raise ValueError(f"radius must be > 0, got {self.radius!r}.")
-    if not 0 <= self.patch_fraction <= 1:
-      raise ValueError(f"patch_fraction must be in [0, 1], got {self.patch_fraction!r}.")
-    if self.crop_padding < 0:
-      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
+    check_fields(self, nonnegative=("learning_rate", "perturbation_lr", "inner_lr", "delta_l2"),
+                 counts=("fixed_point_iterations",), positive=("radius",), unit=("patch_fraction",))
     if self.train_mode:
       raise ValueError("train_mode must be False: i-BAU keeps the model in eval mode.")
 

@@ -40,6 +40,7 @@ import numpy as np
 import optax
 
 from d3jax.data.augment import normalize
+from d3jax.defenses.checks import check_fields
 from d3jax.train import (EpochCallback, Normalization, Program, Restore, SGDConfig, batch_plan,
                          train)
 
@@ -172,16 +173,8 @@ class NCConfig(SGDConfig):
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    for name in ("nc_epochs", "patience"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}.")
-    for name in ("mask_lr", "init_cost", "anomaly_threshold"):
-      if not getattr(self, name) > 0:
-        raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}.")
-    for name in ("attack_success", "unlearning_ratio"):
-      if not 0 < getattr(self, name) <= 1:
-        raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)!r}.")
+    check_fields(self, counts=("nc_epochs", "patience"), positive=("mask_lr", "init_cost", "anomaly_threshold", "attack_success",
+                                 "unlearning_ratio"), unit=("attack_success", "unlearning_ratio"))
     if not self.cost_multiplier > 1:
       raise ValueError(f"cost_multiplier must be > 1, got {self.cost_multiplier!r}.")
 

@@ -29,8 +29,9 @@ import optax
 
 from d3jax.data.augment import augment, normalize
 from d3jax.optim.masks import mask_penalty, neuron_masks
-from d3jax.train import (_STEP_STREAM, Batch, Hyperparams, Program, TrainState, check_schedule,
-                         cross_entropy, join_variables)
+from d3jax.defenses.checks import check_fields, check_select
+from d3jax.train import (_STEP_STREAM, Batch, Hyperparams, Program, TrainState, cross_entropy,
+                         join_variables)
 
 PyTree = Any
 
@@ -93,21 +94,9 @@ class NFTConfig:
   program_class: ClassVar[type] = NFTProgram
 
   def __post_init__(self) -> None:
-    check_schedule(self.epochs, self.batch_size)
-    if not isinstance(self.select, str) or not self.select:
-      raise ValueError(f"select must be a non-empty regular expression over parameter paths, got "
-                       f"{self.select!r}.")
-    for name in ("clamp_alpha", "clamp_beta", "l1", "learning_rate", "final_learning_rate"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
-    if not 0 < self.clamp_alpha <= 1:
-      raise ValueError(f"clamp_alpha must be in (0, 1], got {self.clamp_alpha!r}.")
-    if not self.mixup_alpha > 0:
-      raise ValueError(f"mixup_alpha must be > 0, got {self.mixup_alpha!r}.")
-    if not 0 <= self.momentum < 1:
-      raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-    if self.crop_padding < 0:
-      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
+    check_select(self.select)
+    check_fields(self, nonnegative=("clamp_beta", "l1", "learning_rate", "final_learning_rate"),
+                 positive=("clamp_alpha", "mixup_alpha"), unit=("clamp_alpha",))
 
   def hyperparams(self) -> dict[str, jax.Array]:
     return {name: jnp.float32(getattr(self, name))

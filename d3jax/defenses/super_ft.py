@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d3jax.train import Hyperparams, check_schedule, cross_entropy
+from d3jax.defenses.checks import check_fields
+from d3jax.train import Hyperparams, cross_entropy
 
 PyTree = Any
 
@@ -51,14 +52,9 @@ class SuperFTConfig:
   train_mode: bool = True
 
   def __post_init__(self) -> None:
-    check_schedule(self.epochs, self.batch_size)
-    for name in ("lr_base", "lr_max1", "lr_max2"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
+    check_fields(self, nonnegative=("lr_base", "lr_max1", "lr_max2"))
     if isinstance(self.switch_epoch, bool) or not isinstance(self.switch_epoch, int) or self.switch_epoch < 0:
       raise ValueError(f"switch_epoch must be an integer ≥ 0, got {self.switch_epoch!r}.")
-    if self.crop_padding < 0:
-      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
 
   def hyperparams(self) -> dict[str, jax.Array]:
     return {name: jnp.float32(getattr(self, name)) for name in ("lr_base", "lr_max1", "lr_max2")}
