@@ -8,7 +8,7 @@ import pytest
 
 from d3jax import attacks
 from d3jax.attacks.adaptive import SAMProgram, SAMTraining
-from d3jax.attacks.sam import adaptive_sam
+from d3jax.optim.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.models import get_model
 from d3jax.train import Normalization
