@@ -242,6 +242,13 @@ def test_no_defense_stage_takes_test_data():
     assert list(inspect.signature(cls.defend).parameters) == expected, cls
 
 
+def test_staged_defenses_have_no_single_program():
+  """FP, NC and ANP run in stages: asking for their program (e.g. to sweep it) is refused."""
+  for name in ("fp", "nc", "anp"):
+    with pytest.raises(ValueError, match=f"defense '{name}' runs in stages"):
+      defenses.program(name, None, None)
+
+
 def test_nft_and_ft_sam_run_in_their_programs():
   from d3jax.defenses.nft import NFTProgram
   from d3jax.sharpness import SAMProgram

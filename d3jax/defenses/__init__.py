@@ -76,6 +76,9 @@ def program(name: str, model: nn.Module, normalization: Normalization, config: A
   is a whole defense as one pure function (vmap it over hyperparameters or keys). A config class
   that sets ``program_class`` (a :class:`Program` with its own step) runs in that program."""
   config = resolve(name, config)
+  if hasattr(config, "defend"):
+    raise ValueError(f"defense {name!r} runs in stages ({type(config).__name__}.defend), not as one "
+                     "training program; run it with d3jax.defend, not as a program or a sweep.")
   return getattr(config, "program_class", Program)(model, config, normalization)
 
 

@@ -25,7 +25,7 @@ Deliberate deviations from the reference:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -102,8 +102,9 @@ class ANPProgram(Program):
 
 @dataclasses.dataclass(frozen=True)
 class ANPConfig:
-  """ANP settings; ``eps``, ``alpha``, ``learning_rate`` and ``momentum`` are sweepable (in the
-  mask-training stage). ``select`` matches the masked BN scales ('/'-joined paths)."""
+  """ANP settings. ``select`` matches the masked BN scales ('/'-joined paths). ANP runs in stages
+  (mask training, then pruning), so it is not sweepable as one program; ``eps``, ``alpha``,
+  ``learning_rate`` and ``momentum`` are arrays in its mask-training state."""
   eps: float = 0.4
   alpha: float = 0.2
   learning_rate: float = 0.01
@@ -118,7 +119,6 @@ class ANPConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = True
-  program_class: ClassVar[type] = ANPProgram
 
   def __post_init__(self) -> None:
     check_select(self.select)

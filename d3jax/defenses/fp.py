@@ -59,8 +59,8 @@ def prune_depth(features: np.ndarray, order: np.ndarray, kernel: np.ndarray, bia
 @dataclasses.dataclass(frozen=True)
 class FPConfig(SGDConfig):
   """FP settings: pruning (``acc_ratio``, ``prune_step`` as a fraction of the features,
-  ``holdout``, ``head``) and FT's fine-tuning recipe (whose ``learning_rate`` and
-  ``weight_decay`` are sweepable in :func:`d3jax.defenses.program`, the fine-tuning stage)."""
+  ``holdout``, ``head``) and FT's fine-tuning recipe. FP runs in stages, so it is not sweepable
+  as one program."""
   acc_ratio: float = 0.1
   prune_step: float = 0.01
   holdout: float = 0.1

@@ -160,8 +160,8 @@ def stamp(images: np.ndarray, mask: np.ndarray, pattern: np.ndarray) -> np.ndarr
 class NCConfig(SGDConfig):
   """NC settings: reverse engineering (``nc_epochs``, ``mask_lr``, ``init_cost``,
   ``attack_success``, ``patience``, ``cost_multiplier``), detection (``anomaly_threshold``),
-  unlearning (``unlearning_ratio``) and FT's fine-tuning recipe (``learning_rate`` and
-  ``weight_decay`` sweepable in its fine-tuning stage)."""
+  unlearning (``unlearning_ratio``) and FT's fine-tuning recipe. NC runs in stages, so it is
+  not sweepable as one program."""
   nc_epochs: int = 80
   mask_lr: float = 0.1
   init_cost: float = 1e-3
