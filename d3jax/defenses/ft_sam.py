@@ -18,7 +18,6 @@ reference's KL divergence differs from it by a constant, with the same gradient)
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +50,7 @@ class FTSAMConfig(SGDConfig):
   ``rho``, ``label_smoothing``, ``learning_rate`` and ``weight_decay`` are sweepable."""
   rho: float = 2.0
   label_smoothing: float = 0.1
-  program_class: ClassVar[type] = SAMProgram
+  program_class = SAMProgram  # not a field: the program this recipe runs in
 
   def __post_init__(self) -> None:
     super().__post_init__()

@@ -21,7 +21,7 @@ steps. fp32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -119,7 +119,7 @@ class IBAUConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = False
-  program_class: ClassVar[type] = IBAUProgram
+  program_class = IBAUProgram  # not a field: the program this recipe runs in
 
   def __post_init__(self) -> None:
     check_fields(self, nonnegative=("learning_rate", "perturbation_lr", "inner_lr", "delta_l2"),

@@ -21,7 +21,7 @@ The loss reported is the MixUp cross-entropy plus the L1 term.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,7 +91,7 @@ class NFTConfig:
   crop_padding: int = 4
   flip: bool = True
   train_mode: bool = True
-  program_class: ClassVar[type] = NFTProgram
+  program_class = NFTProgram  # not a field: the program this recipe runs in
 
   def __post_init__(self) -> None:
     check_select(self.select)
