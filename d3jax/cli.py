@@ -1,7 +1,7 @@
 """The ``d3jax`` command, derived from the config dataclasses with tyro.
 
-``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN`` and
-``d3jax demo``. Every field of the attack run, its training recipe and every registered
+``d3jax attack``, ``d3jax defend <defense>``, ``d3jax sweep <defense>``, ``d3jax analyze RUN``,
+``d3jax eval RUN``, ``d3jax show RUN`` and ``d3jax demo``. Every field of the attack run, its training recipe and every registered
 defense's config is a flag (shown with its default in ``--help``); a defense added to the
 registry becomes a ``defend`` subcommand by itself. ``--config FILE`` (YAML or JSON, as
 ``--print-config`` writes it) sets defaults that flags override.
@@ -19,7 +19,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import tyro
 import yaml
@@ -28,6 +28,7 @@ from tqdm import tqdm
 import d3jax
 from d3jax import compile_cache, defenses, pipeline, runs
 from d3jax.analysis.grid import format_grid_table
+from d3jax.analysis.run import ANALYSES, analyze, defense_labels
 from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 from d3jax.sweep import parse_grid
 from d3jax.sweep_runs import defense_key, write_sweep
@@ -138,6 +139,32 @@ class SweepCommand:
 
 
 @dataclasses.dataclass(frozen=True)
+class AnalyzeCommand:
+  """Draw the D3 paper's analyses of an attack run and its defense runs as PNGs (evaluation only:
+  most read the backdoor test set)."""
+  run: tyro.conf.Positional[str]
+  """attack run directory (read only; the PNGs go to RUN/analysis/ unless --out is given)"""
+  defended: tuple[str, ...] = ()
+  """defense runs of that attack run (e.g. an FT run and a D3 run), compared on every plot"""
+  analyses: tuple[Literal[ANALYSES], ...] = ANALYSES  # type: ignore[valid-type]
+  """path: loss/ACC/ASR along θ_init + t·(θ_def − θ_init); weights: θ_def − θ_init histograms;
+  tsne: penultimate features; gradcam; tac: neuron norm vs trigger-activation change"""
+  out: Optional[str] = None
+  """directory for the PNGs (default RUN/analysis)"""
+  samples: int = 200
+  """test images (with their triggered copies) for t-SNE and TAC"""
+  images: int = 3
+  """images shown by Grad-CAM"""
+  select: str = "linear/kernel"
+  """parameters of the weight histograms (regex over '/'-joined parameter paths)"""
+  layer: Optional[str] = None
+  """layer of Grad-CAM and TAC (default: the last convolution)"""
+  steps: int = 41
+  """values of t in [0, 2] for the path curves"""
+  session: Annotated[Session, Flat] = Session()
+
+
+@dataclasses.dataclass(frozen=True)
 class EvalCommand:
   """Re-measure a run directory (ACC/ASR/RA, and DER for a defense run)."""
   run: tyro.conf.Positional[str]
@@ -160,7 +187,7 @@ class DemoCommand:
 
 
 COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "sweep": SweepCommand,
-            "eval": EvalCommand, "show": ShowCommand, "demo": DemoCommand}
+            "analyze": AnalyzeCommand, "eval": EvalCommand, "show": ShowCommand, "demo": DemoCommand}
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -301,6 +328,21 @@ def run_command(command: Any) -> None:
                               save_variables=command.save_variables, overwrite=command.overwrite,
                               progress=progress)
     print(table)
+  elif isinstance(command, AnalyzeCommand):
+    for name, value in (("samples", command.samples), ("images", command.images),
+                        ("steps", command.steps)):
+      if value < (2 if name == "steps" else 1):
+        raise ValueError(f"--{name} must be an integer ≥ {2 if name == 'steps' else 1}, got {value}.")
+    source = runs.load(command.run)
+    if source.kind != "attack":
+      raise ValueError(f"{command.run} is a {source.kind} run; pass the attack run and its defense "
+                       "runs with --defended.")
+    defended = defense_labels(source, [runs.load(path) for path in command.defended])
+    written = analyze(source, defended, command.out or source.path / "analysis", command.analyses,
+                      samples=command.samples, images=command.images, select=command.select,
+                      layer=command.layer, steps=command.steps)
+    for path in written.values():
+      print(path)
   elif isinstance(command, EvalCommand):
     print(pipeline.format_table([runs.load(command.run).measure()]))
   elif isinstance(command, ShowCommand):
