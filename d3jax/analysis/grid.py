@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -52,6 +52,12 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
 
 def heatmap(rows: Sequence[dict], axes: tuple[str, str] | tuple[str], path: str | Path,
             title: str, columns: Sequence[str] = ("acc", "asr")) -> Path:
+  """Writes :func:`heatmap_figure` as a PNG at ``path``."""
+  return save(heatmap_figure(rows, axes, title, columns), path)
+
+
+def heatmap_figure(rows: Sequence[dict], axes: tuple[str, str] | tuple[str], title: str,
+                   columns: Sequence[str] = ("acc", "asr")) -> Any:
   """One heat map per column (ACC and ASR by default) over one or two swept hyperparameters:
   rows of the picture follow ``axes[0]``, columns ``axes[1]``; each cell is annotated with the
   value in percent (mean±std over seeds when there are several).
@@ -94,4 +100,4 @@ def heatmap(rows: Sequence[dict], axes: tuple[str, str] | tuple[str], path: str 
     ax.set_title(f"{column.upper()} (%)")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
   fig.suptitle(title)
-  return save(fig, path)
+  return fig

@@ -18,14 +18,12 @@ COLOURS = {"ft": "tab:blue", "d3": "tab:green"}
 
 
 def weight_differences(initial: Any, defended: Any, select: str) -> np.ndarray:
-  """θ_def − θ_init of every parameter whose '/'-joined path fully matches ``select``, flattened."""
+  """θ_def − θ_init of every parameter whose '/'-joined path fully matches ``select``, flattened
+  (a ``select`` that matches nothing raises ValueError listing the paths)."""
   mask = optim.select_mask(initial["params"], select)
   parts = [np.ravel(np.asarray(d) - np.asarray(i)) for i, d, m in
            zip(jax.tree.leaves(initial["params"]), jax.tree.leaves(defended["params"]),
                jax.tree.leaves(mask)) if m]
-  if not parts:
-    paths = ", ".join(optim.param_paths(initial["params"]))
-    raise ValueError(f"select {select!r} matches no parameter; the parameters are {paths}.")
   return np.concatenate(parts)
 
 
