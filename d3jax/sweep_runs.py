@@ -25,7 +25,7 @@ from d3jax import checkpoint
 from d3jax.analysis.grid import format_grid_table, heatmap, write_csv
 from d3jax.defenses.auto import heldout_accuracy, weight_distance
 from d3jax.metrics import der
-from d3jax.pipeline import ReservedSplit, check_reserved_shape
+from d3jax.pipeline import Backdoored, ReservedSplit, check_reserved_shape
 from d3jax.runs import LoadedRun, RunWriter
 from d3jax.sweep import aggregate, sweep
 
@@ -62,7 +62,7 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
                           normalization=backdoored.normalization, key=defense_key(split), grid=grid,
                           config=config, seeds=seeds, chunk_size=chunk_size, progress=progress)
     train_s = time.perf_counter() - start
-    per_run = measure_runs(source, config, defended, heldout)
+    per_run = measure_runs(backdoored, config, defended, heldout)
     rows = aggregate(log, per_run)
     swept = list(grid)
     table = format_grid_table(rows, swept)
@@ -90,11 +90,10 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
   return path, rows, table
 
 
-def measure_runs(source: LoadedRun, config: Any, defended: Sequence[Any],
+def measure_runs(backdoored: Backdoored, config: Any, defended: Sequence[Any],
                  heldout: tuple[np.ndarray, np.ndarray] | None) -> dict[str, list[float]]:
   """Per run: ACC/ASR/RA/DER on the test sets (evaluation only) and what a defender sees, the
   held-out accuracy (when there is a held-out part) and the weight distance."""
-  backdoored = source.backdoored
   before = backdoored.baseline
   columns: dict[str, list[float]] = {"acc": [], "asr": [], "ra": [], "der": [], "distance": []}
   if heldout is not None:
