@@ -122,8 +122,8 @@ class SweepCommand:
   out: str
   """sweep run directory to write; built in a hidden sibling and renamed into place when complete"""
   grid: tuple[str, ...] = ("lmd=1,10,20,30,40", "eps=0,0.1,0.2,0.3,0.4,0.5")
-  """name=v1,v2,... per swept hyperparameter (any numeric setting of the defense); the heat map is
-  drawn over the first two"""
+  """name=v1,v2,... per swept hyperparameter (any numeric setting of the defense); the heat map
+  needs one or two"""
   defense: Annotated[_defense_union(), tyro.conf.arg(name="")] = defenses.D3Config()  # type: ignore[valid-type]
   """the defense and its fixed settings (default: d3)"""
   seeds: int = 1
@@ -340,7 +340,7 @@ def run_command(command: Any) -> None:
     defended = defense_labels(source, [runs.load(path) for path in command.defended])
     written = analyze(source, defended, command.out or source.path / "analysis", command.analyses,
                       samples=command.samples, images=command.images, select=command.select,
-                      layer=command.layer, steps=command.steps)
+                      layer=command.layer, steps=command.steps, progress=progress)
     for path in written.values():
       print(path)
   elif isinstance(command, EvalCommand):
@@ -368,7 +368,7 @@ def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool)
                          key=defense_key(command.reserved), grid=parse_grid(command.auto_grid),
                          config=command.defense, budget=command.auto_budget, progress=progress)
   swept = list(log["grid"])
-  print(format_grid_table(log["candidates"], swept, ("heldout_acc",)))
+  print(format_grid_table(log["candidates"], swept, ("heldout_acc", "distance")))
   chosen = log["candidates"][log["chosen"]]
   print("auto: chose " + ", ".join(f"{k}={chosen[k]:g}" for k in swept) +
         f" (held-out accuracy {100 * chosen['heldout_acc']:.2f}%, best "

@@ -6,7 +6,7 @@ holds ``config.json``; ``results.csv`` (one line per configuration: the swept va
 mean and std over seeds of ACC/ASR/RA/DER on the test sets and of what the defender can see, the
 held-out accuracy and the weight distance); ``metrics.json`` (the same rows, every single run,
 the baseline and the wall time); ``table.txt`` (the paper's Tables 6–7 layout); ``heatmap.png``
-(ACC and ASR over the first two swept hyperparameters); ``log.txt``; and, only when asked, the
+(ACC and ASR over the swept hyperparameters, when there are at most two); ``log.txt``; and, only when asked, the
 variables of every run as one stacked orbax checkpoint ``variables/`` (leading axis = runs, in
 ``metrics.json``'s order). Built in a hidden sibling and renamed into place, with a manifest.
 """
@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
+from tqdm import tqdm
 
 from d3jax import checkpoint
 from d3jax.analysis.grid import format_grid_table, heatmap, write_csv
@@ -27,7 +28,7 @@ from d3jax.defenses.auto import heldout_accuracy, weight_distance
 from d3jax.metrics import der
 from d3jax.pipeline import Backdoored, ReservedSplit, check_reserved_shape
 from d3jax.runs import LoadedRun, RunWriter
-from d3jax.sweep import aggregate, sweep
+from d3jax.sweep import aggregate, grid_points, sweep
 
 LOG = logging.getLogger("d3jax")
 
@@ -49,6 +50,7 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
     raise ValueError(f"--attack-run {source.path} is a {source.kind} run; pass a run written by "
                      "`d3jax attack`.")
   writer = RunWriter(out, overwrite=overwrite, inputs=[source.path])
+  grid_points(config.hyperparams(), grid)  # unknown names fail here, before anything is written
   backdoored = source.backdoored
   (images, labels), heldout = split.draw(backdoored.dataset)
   check_reserved_shape(images, backdoored)
@@ -62,18 +64,19 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
                           normalization=backdoored.normalization, key=defense_key(split), grid=grid,
                           config=config, seeds=seeds, chunk_size=chunk_size, progress=progress)
     train_s = time.perf_counter() - start
-    per_run = measure_runs(backdoored, config, defended, heldout)
+    per_run = measure_runs(backdoored, config, defended, heldout, progress)
     rows = aggregate(log, per_run)
     swept = list(grid)
     table = format_grid_table(rows, swept)
     stage = writer.stage
     write_csv(rows, stage / "results.csv")
     (stage / "table.txt").write_text(table + "\n")
-    attack = backdoored.run.attack
-    heatmap(rows, tuple(swept[:2]), stage / "heatmap.png",
-            f"{attack} → {name}: {len(rows)} configurations × {seeds} seed(s)")
-    if len(swept) > 2:
-      LOG.info("heatmap.png shows %s; the table has every swept hyperparameter", swept[:2])
+    if len(swept) <= 2:
+      heatmap(rows, tuple(swept), stage / "heatmap.png",
+              f"{backdoored.run.attack} → {name}: {len(rows)} configurations × {seeds} seed(s)")
+    else:
+      LOG.warning("no heatmap.png: %d hyperparameters were swept and a heat map shows two; "
+                  "results.csv and table.txt have every configuration", len(swept))
     runs = [{**{k: log["hparams"][k][i] for k in swept}, "seed": log["seeds"][i],
              **{column: values[i] for column, values in per_run.items()}}
             for i in range(len(defended))]
@@ -91,14 +94,15 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
 
 
 def measure_runs(backdoored: Backdoored, config: Any, defended: Sequence[Any],
-                 heldout: tuple[np.ndarray, np.ndarray] | None) -> dict[str, list[float]]:
+                 heldout: tuple[np.ndarray, np.ndarray] | None, progress: bool = True
+                 ) -> dict[str, list[float]]:
   """Per run: ACC/ASR/RA/DER on the test sets (evaluation only) and what a defender sees, the
   held-out accuracy (when there is a held-out part) and the weight distance."""
   before = backdoored.baseline
   columns: dict[str, list[float]] = {"acc": [], "asr": [], "ra": [], "der": [], "distance": []}
   if heldout is not None:
     columns["heldout_acc"] = []
-  for variables in defended:
+  for variables in tqdm(defended, desc="measure", disable=not progress, dynamic_ncols=True):
     measured = backdoored.measure(variables)
     for column in ("acc", "asr", "ra"):
       columns[column].append(getattr(measured, column))

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from d3jax.analysis.data import Paired, paired, subsample
 from d3jax.analysis.gradcam import plot_gradcam
@@ -47,7 +48,7 @@ def _take(data: Paired, rows: np.ndarray) -> Paired:
 def analyze(attack: LoadedRun, defended: Mapping[str, Any], out_dir: str | Path,
             analyses: Sequence[str] = ANALYSES, *, samples: int = 200, images: int = 3,
             select: str = "linear/kernel", layer: str | None = None, steps: int = 41,
-            seed: int = 0) -> dict[str, Path]:
+            seed: int = 0, progress: bool = True) -> dict[str, Path]:
   """Writes ``<analysis>.png`` into ``out_dir`` for each of ``analyses``; returns their paths.
 
   Args:
@@ -75,7 +76,7 @@ def analyze(attack: LoadedRun, defended: Mapping[str, Any], out_dir: str | Path,
     layer = last_conv(model, initial, backdoored.dataset.image_shape)
   out_dir = Path(out_dir)
   written = {}
-  for name in analyses:
+  for name in tqdm(analyses, desc="analyze", disable=not progress, dynamic_ncols=True):
     path = out_dir / f"{name}.png"
     if name == "path":
       dataset, bd = backdoored.dataset, backdoored.backdoor_test
