@@ -1,8 +1,8 @@
 """The ``d3jax`` command, derived from the config dataclasses with tyro.
 
-``d3jax attack``, ``d3jax defend <defense>``, ``d3jax sweep <defense>``, ``d3jax analyze RUN``,
-``d3jax eval RUN``, ``d3jax show RUN`` and ``d3jax demo``. Every field of the attack run, its training recipe and every registered
-defense's config is a flag (shown with its default in ``--help``); a defense added to the
+``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN``,
+``d3jax demo``, ``d3jax sweep <defense>`` and ``d3jax analyze RUN``. Every field of the attack
+run, its training recipe and every registered defense's config is a flag (shown with its default in ``--help``); a defense added to the
 registry becomes a ``defend`` subcommand by itself. ``--config FILE`` (YAML or JSON, as
 ``--print-config`` writes it) sets defaults that flags override.
 
@@ -186,8 +186,9 @@ class DemoCommand:
   session: Annotated[Session, Flat] = Session()
 
 
-COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "sweep": SweepCommand,
-            "analyze": AnalyzeCommand, "eval": EvalCommand, "show": ShowCommand, "demo": DemoCommand}
+COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "eval": EvalCommand,
+            "show": ShowCommand, "demo": DemoCommand, "sweep": SweepCommand,
+            "analyze": AnalyzeCommand}
 
 
 def _config_file(argv: list[str]) -> str | None:
