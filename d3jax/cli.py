@@ -2,9 +2,10 @@
 
 ``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN``,
 ``d3jax demo``, ``d3jax sweep <defense>`` and ``d3jax analyze RUN``. Every field of the attack
-run, its training recipe and every registered defense's config is a flag (shown with its default in ``--help``); a defense added to the
-registry becomes a ``defend`` subcommand by itself. ``--config FILE`` (YAML or JSON, as
-``--print-config`` writes it) sets defaults that flags override.
+run, its training recipe and every registered defense's config is a flag (shown with its default
+in ``--help``); a defense added to the registry becomes a ``defend`` subcommand by itself.
+``--config FILE`` (YAML or JSON, as ``--print-config`` writes it) sets defaults that flags
+override.
 
 Errors caused by the input (a bad value, a missing file, an existing ``--out``) print one line
 on stderr and exit with status 2; ``--debug`` shows the traceback. Other errors are bugs and
