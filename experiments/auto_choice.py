@@ -49,7 +49,7 @@ def one_case(dataset: str, attack: str, seed: int, args: argparse.Namespace) -> 
   defended, log = sweep("d3", backdoored.model, backdoored.variables, images, labels,
                         normalization=backdoored.normalization, key=defense_key(split),
                         grid=args.grid, config=config, progress=not args.quiet)
-  measured = measure_runs(backdoored, config, defended, heldout)
+  measured = measure_runs(backdoored, config, defended, heldout, not args.quiet)
   points = [dict(zip(args.grid, values)) for values in itertools.product(*args.grid.values())]
   return {"dataset": dataset, "attack": attack, "seed": seed, "points": points,
           "baseline": backdoored.baseline._asdict(), "sweep_s": time.perf_counter() - start,
