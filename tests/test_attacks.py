@@ -1,11 +1,12 @@
-"""Tests of d3jax.attacks: triggers (spec §2.1, §2.2) and poisoning (spec §1.6, §2.0)."""
+"""Tests of d3jax.attacks: BadNets and Blended triggers, poisoning in every label mode, backdoor
+test sets, multi-trigger poisoning and the untargeted success rate."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax.attacks import (BadNets, Blended, apply_trigger, backdoor_test_set, get_trigger,
-                           poison, poison_dataset)
+from d3jax.attacks import (SIG, BadNets, Blended, apply_trigger, backdoor_test_set, get_trigger,
+                           poison, poison_dataset, poison_multi, untargeted_success_rate)
 from d3jax.data.dataset import Dataset
 
 
@@ -128,8 +129,8 @@ def test_trigger_errors():
     Blended((32, 32, 3), alpha=1.5)
   with pytest.raises(ValueError, match="size"):
     BadNets((8, 8, 3), size=9)
-  with pytest.raises(ValueError, match="badnets, blended"):
-    get_trigger("wanet", (32, 32, 3))
+  with pytest.raises(ValueError, match="badnets, blended, sig"):
+    get_trigger("refool", (32, 32, 3))
   assert isinstance(get_trigger("BadNets", (32, 32, 3)), BadNets)
   assert get_trigger("blended", (32, 32, 3), alpha=0.1).alpha == 0.1
 
@@ -145,7 +146,7 @@ def test_poison_count(ratio, n, count):
   assert result.is_poison.sum() == count == round(ratio * n)
 
 
-@pytest.mark.parametrize("label_mode", ["all2one", "all2all", "clean_label"])
+@pytest.mark.parametrize("label_mode", ["all2one", "all2all", "clean_label", "untargeted"])
 def test_poison_labels_images_and_indicators(label_mode):
   n, num_classes, target = 60, 3, 1
   x, y = _images(n), _labels(n, num_classes)
@@ -159,6 +160,11 @@ def test_poison_labels_images_and_indicators(label_mode):
   np.testing.assert_array_equal(result.x[~hit], x[~hit])
   np.testing.assert_array_equal(result.y[~hit], y[~hit])
   np.testing.assert_array_equal(result.x[hit], np.asarray(trigger(x[hit])))
+  assert hit.sum() == round(0.2 * n)
+  if label_mode == "untargeted":
+    assert np.all(result.y[hit] != y[hit]) and np.all((0 <= result.y) & (result.y < num_classes))
+    assert len(np.unique(result.y[hit] - y[hit])) > 1  # random other classes, not one shift
+    return
   expected = {"all2one": np.full(hit.sum(), target), "all2all": (y[hit] + 1) % num_classes,
               "clean_label": y[hit]}[label_mode]
   np.testing.assert_array_equal(result.y[hit], expected)
@@ -174,9 +180,10 @@ def test_all2one_does_not_avoid_target_class():
   assert np.all(result.x[y == 0][:, 29:, 29:] == 255)
 
 
-def test_poison_determinism_per_key():
+@pytest.mark.parametrize("label_mode", ["all2one", "untargeted"])
+def test_poison_determinism_per_key(label_mode):
   x, y = _images(100), _labels(100, 5)
-  args = dict(trigger=BadNets((32, 32, 3)), ratio=0.1, num_classes=5)
+  args = dict(trigger=BadNets((32, 32, 3)), ratio=0.1, num_classes=5, label_mode=label_mode)
   first = poison(x, y, key=jax.random.key(7), **args)
   again = poison(x, y, key=jax.random.key(7), **args)
   other = poison(x, y, key=jax.random.key(8), **args)
@@ -215,10 +222,57 @@ def test_backdoor_test_set_modes():
   np.testing.assert_array_equal(bd.y, np.full(len(bd.y), 2))
   np.testing.assert_array_equal(bd.x, np.asarray(trigger(x[y != 2])))
   clean = backdoor_test_set(x, y, trigger, target=2, label_mode="clean_label", num_classes=4)
-  np.testing.assert_array_equal(clean.x, bd.x)
+  for got, want in zip(clean, bd):  # clean-label backdoors are measured like all2one ones
+    np.testing.assert_array_equal(got, want)
   every = backdoor_test_set(x, y, trigger, label_mode="all2all", num_classes=4)
   assert len(every.x) == 40
   np.testing.assert_array_equal(every.y, (y + 1) % 4)
+  untargeted = backdoor_test_set(x, y, trigger, label_mode="untargeted", num_classes=4)
+  np.testing.assert_array_equal(untargeted.y, y)
+  np.testing.assert_array_equal(untargeted.y_orig, y)
+  np.testing.assert_array_equal(untargeted.x, every.x)
+
+
+def test_label_mode_must_suit_the_attack():
+  x, y = _images(30), np.repeat(np.arange(3, dtype=np.int32), 10)
+  with pytest.raises(ValueError, match="sig attack is defined for label_mode clean_label, not 'all2one'"):
+    poison(x, y, SIG((32, 32, 3)), ratio=0.1, num_classes=3, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="sig attack"):
+    backdoor_test_set(x, y, SIG((32, 32, 3)), label_mode="all2all", num_classes=3)
+
+
+def test_poison_multi_disjoint_with_own_targets():
+  n, num_classes = 60, 4
+  x, y = _images(n), _labels(n, num_classes)
+  badnets, blended = BadNets((32, 32, 3)), Blended((32, 32, 3))
+  result, source = poison_multi(x, y, [(badnets, 1), (blended, 3)], ratio=0.25,
+                                num_classes=num_classes, key=jax.random.key(2))
+  assert source.dtype == np.int32 and set(np.unique(source)) == {-1, 0, 1}
+  for k, (trigger, target) in enumerate([(badnets, 1), (blended, 3)]):
+    hit = source == k
+    assert hit.sum() == 15
+    np.testing.assert_array_equal(result.y[hit], np.full(15, target))
+    np.testing.assert_array_equal(result.x[hit], np.asarray(trigger(x[hit])))
+  np.testing.assert_array_equal(result.is_poison, source >= 0)
+  np.testing.assert_array_equal(result.x[source < 0], x[source < 0])
+  single = poison(x, y, badnets, ratio=0.25, target=1, num_classes=num_classes, key=jax.random.key(2))
+  np.testing.assert_array_equal(single.is_poison, source == 0)  # the first pair draws as poison()
+  with pytest.raises(ValueError, match="only 0 are available; lower ratio or poison with fewer"):
+    poison_multi(x, y, [(badnets, 1), (blended, 3), (badnets, 2)], ratio=0.5,
+                 num_classes=num_classes, key=jax.random.key(2))
+  with pytest.raises(ValueError, match="at least one"):
+    poison_multi(x, y, [], ratio=0.1, num_classes=num_classes, key=jax.random.key(2))
+
+
+def test_untargeted_success_rate():
+  y_true = np.array([0, 1, 2, 3, 4])
+  clean = np.array([0, 1, 2, 0, 0])  # the last two are wrong without the trigger: ignored
+  triggered = np.array([1, 1, 0, 3, 4])
+  assert untargeted_success_rate(clean, triggered, y_true) == pytest.approx(2 / 3)
+  with pytest.raises(ValueError, match="no clean sample correctly"):
+    untargeted_success_rate(np.ones(5, int), triggered, np.zeros(5, int))
+  with pytest.raises(ValueError, match="one shape"):
+    untargeted_success_rate(clean, triggered[:3], y_true)
 
 
 def test_poison_dataset():

@@ -1,9 +1,15 @@
-"""Backdoor attacks: pixel-space triggers and data poisoning (DESIGN.md "Attacks", spec §2)."""
-from d3jax.attacks.poison import (LABEL_MODES, PoisonedSet, apply_trigger, backdoor_test_set,
-                                  poison, poison_dataset)
-from d3jax.attacks.triggers import BadNets, Blended, Trigger, get_trigger
+"""Backdoor attacks: a registry of attack configs, pixel-space triggers, data poisoning and the
+trigger gallery (DESIGN.md "Attacks")."""
+from d3jax.attacks.clean import CleanModel
+from d3jax.attacks.gallery import write_gallery
+from d3jax.attacks.poison import (PoisonedSet, apply_trigger, backdoor_test_set, poison,
+                                  poison_dataset, poison_multi, untargeted_success_rate)
+from d3jax.attacks.registry import get, get_trigger, names
+from d3jax.attacks.triggers import LABEL_MODES, SIG, Additive, BadNets, Blended, Trigger
+from d3jax.attacks.warp import Warp
 
 __all__ = [
-    "BadNets", "Blended", "LABEL_MODES", "PoisonedSet", "Trigger", "apply_trigger",
-    "backdoor_test_set", "get_trigger", "poison", "poison_dataset",
+    "Additive", "BadNets", "Blended", "CleanModel", "LABEL_MODES", "PoisonedSet", "SIG", "Trigger",
+    "Warp", "apply_trigger", "backdoor_test_set", "get", "get_trigger", "names", "poison",
+    "poison_dataset", "poison_multi", "untargeted_success_rate", "write_gallery",
 ]

@@ -1,0 +1,57 @@
+"""The trigger gallery of every registered data-poisoning trigger (and WaNet's fixed warp):
+clean | poisoned | magnified residual, on CIFAR-10 test images.
+
+LF and TrojanNN are crafted against a clean small CNN trained here for a few epochs (a gallery
+needs the trigger's look, not a strong model); LF runs at most ``--lf-passes`` passes.
+
+Run from the repository root:
+  .venv/bin/python experiments/attack_gallery.py [--out experiments/results/attack_gallery.png]
+Uses ../shared/data/cifar10_10k_jpegsrc.npz when present, else the embedded mnist5k.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import jax
+import numpy as np
+
+from d3jax import attacks, train
+from d3jax.attacks import CleanModel, PoisonedSet
+from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.data import load_dataset
+from d3jax.models import get_model
+
+CIFAR = "../shared/data/cifar10_10k_jpegsrc.npz"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default="experiments/results/attack_gallery.png")
+  parser.add_argument("--clean-epochs", type=int, default=3)
+  parser.add_argument("--lf-passes", type=int, default=3)
+  parser.add_argument("--images", type=int, default=4)
+  args = parser.parse_args()
+  dataset = load_dataset(f"npz:{CIFAR}" if os.path.isfile(CIFAR) else "mnist5k")
+  key = jax.random.key(0)
+  start = time.time()
+  model = get_model("small_cnn", dataset.num_classes, width=16)
+  normalization = train.Normalization(dataset.mean, dataset.std)
+  clean_set = PoisonedSet(dataset.x_train, dataset.y_train, np.zeros(len(dataset.y_train), bool),
+                          dataset.y_train)
+  recipe = AttackTrainConfig(epochs=args.clean_epochs, learning_rate=0.05, cosine_t_max=args.clean_epochs)
+  variables, _ = train_backdoored(model, clean_set, normalization, recipe, key, desc="clean model")
+  clean = CleanModel(model, variables, normalization, dataset.x_train, dataset.y_train)
+  shape = dataset.image_shape
+  configs = {name: attacks.get(name) for name in attacks.names()}
+  configs["lf"] = attacks.get("lf", max_passes=args.lf_passes)
+  triggers = {name: config.trigger(shape, clean=clean, target=0, key=jax.random.fold_in(key, 1))
+              for name, config in configs.items()}
+  images = dataset.x_test[dataset.y_test != 0][:args.images]
+  attacks.write_gallery(triggers, images, args.out)
+  print(f"wrote {args.out} ({dataset.name}, {', '.join(triggers)}) in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
