@@ -1,4 +1,5 @@
-"""Training a (backdoored) model on a poisoned training set with the BackdoorBench recipe (spec §3.1).
+"""Training a (backdoored) model on a poisoned training set with BackdoorBench's recipe
+(``config/attack/prototype/cifar10.yaml``).
 
 SGD lr 0.01, momentum 0.9, coupled weight decay 5e-4 on every parameter, cosine annealing
 stepped per epoch with T_max = 100 (BackdoorBench hard-codes 100 regardless of the epoch count),
@@ -21,7 +22,7 @@ from d3jax.train import Normalization, Program, SGDConfig, init_variables, train
 
 @dataclasses.dataclass(frozen=True)
 class AttackTrainConfig(SGDConfig):
-  """The BackdoorBench CIFAR-10 training recipe (spec §3.1): as FT's, at batch 128."""
+  """BackdoorBench's CIFAR-10 backdoor-training recipe: as FT's, at batch 128."""
   batch_size: int = 128
 
 
