@@ -48,8 +48,8 @@ def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_mod
   learned. LF and TrojanNN are crafted against a clean model first (LF with fewer passes)."""
   shape = digits.image_shape
   configs = [get("badnets"), get("blended"),
-             get("lf", num_images=50, max_passes=3, max_iter=50, filter_sigma=3.0),
-             get("trojannn", steps=100), get("wanet")]
+             get("lf", num_images=20, max_passes=2, max_iter=20, filter_sigma=3.0),
+             get("trojannn", steps=50), get("wanet")]
   pairs = [(config.trigger(shape, clean=clean_model, target=target, key=rbg_key), target)
            for target, config in enumerate(configs, start=1)]
   poisoned, source = poison_multi(digits.x_train, digits.y_train, pairs, ratio=0.06,
