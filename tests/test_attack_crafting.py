@@ -10,6 +10,7 @@ from d3jax import train
 from d3jax.attacks import CleanModel, get
 from d3jax.attacks.clean import unit
 from d3jax.attacks.lf import generate_pattern, targeted_deepfool
+from d3jax.attacks.ssba import Encoded, train_encoder
 from d3jax.attacks.trojannn import layer_input, mask_image, optimise_trigger, select_neurons
 
 SHAPE = (16, 16, 1)
@@ -98,3 +99,20 @@ def test_trojannn_trigger_drives_neurons_inside_the_mask(clean):
   built = get("trojannn", steps=30, target_value=5.0, wrap=True).trigger(SHAPE, clean=clean)
   assert built.wrap and built.name == "trojannn"
   np.testing.assert_array_equal(built.pattern, trigger.astype(np.float32))
+
+
+def test_ssba_encoder_hides_bits_in_sample_specific_residuals(rbg_key):
+  images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+  config = get("ssba", bits=8, width=8, steps=200, batch_size=16, l2_weight=0.1)
+  params, log = train_encoder(config, images, rbg_key)
+  assert log["bit_accuracy"] >= 0.6  # chance is 0.5; the decoder reads the hidden bits
+  trigger = Encoded((8, 8, 1), params, config.secret(), config.width)
+  out = np.asarray(trigger(images[:4]))
+  assert out.dtype == np.uint8 and out.shape == (4, 8, 8, 1)
+  residual = out.astype(int) - images[:4]
+  assert np.abs(residual).mean() > 1
+  assert not np.array_equal(residual[0], residual[1])  # sample-specific
+  np.testing.assert_array_equal(np.asarray(trigger(images[:4])), out)
+  np.testing.assert_array_equal(config.secret(), get("ssba", bits=8).secret())
+  with pytest.raises(ValueError, match="SSBA trains its encoder on clean images"):
+    config.trigger((8, 8, 1))

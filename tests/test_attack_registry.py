@@ -15,6 +15,7 @@ PUBLISHED = {
            "fooling_rate": 0.2, "magnitude": 0.2, "filter_taps": 30, "filter_sigma": 6.0},
     "trojannn": {"layer": "linear", "num_neurons": 2, "target_value": 100.0, "steps": 1000,
                  "step_size": 0.1, "epsilon": 0.3, "tolerance": 1e-3, "wrap": False},
+    "ssba": {"bits": 100},
     "wanet": {"k": 4, "strength": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0},
 }
 

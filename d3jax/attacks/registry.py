@@ -6,7 +6,8 @@ first is its default) and ``kind``: ``"poison"`` for data-poisoning attacks, ``"
 for attacks that control training. ``config.trigger(image_shape, *, clean=None, target=0,
 key=None)`` builds the pixel-space trigger (for a training-controlled attack, the one its
 backdoor test set uses); attacks crafted against a clean model (LF without a pattern file,
-TrojanNN) need ``clean`` (:class:`d3jax.attacks.clean.CleanModel`) and, for random draws, ``key``.
+TrojanNN; SSBA trains on its images only) need ``clean`` (:class:`d3jax.attacks.clean.CleanModel`)
+and, for random draws, ``key``.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import jax
 
 from d3jax.attacks.adaptive import AdaptiveConfig
 from d3jax.attacks.lf import LFConfig
+from d3jax.attacks.ssba import SSBAConfig
 from d3jax.attacks.triggers import LABEL_MODES, SIG, BadNets, Blended, ImageShape, Trigger
 from d3jax.attacks.trojannn import TrojanNNConfig
 from d3jax.attacks.wanet import WaNetConfig
@@ -104,7 +106,7 @@ class SIGConfig:
 
 
 _ATTACKS: dict[str, type] = {config.name: config for config in (
-    BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, TrojanNNConfig, WaNetConfig,
+    BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, SSBAConfig, TrojanNNConfig, WaNetConfig,
     AdaptiveConfig)}
 
 
