@@ -4,9 +4,8 @@ Datasets: ``mnist5k`` with a small CNN, and the CIFAR-10 subset in ../shared/dat
 PreAct-ResNet18 (width 16). Every attack uses its registry defaults, all2one to target 0 at ratio
 0.1 (SIG: clean-label, so the whole target class of the subset), BackdoorBench's recipe (SGD
 momentum 0.9, weight decay 5e-4, per-epoch cosine) with the epochs and learning rate given here.
-LF and TrojanNN are crafted against a clean model trained first with the same recipe (SSBA trains its
-encoder on the clean images). The adaptive
-attack is BadNets trained with ASAM at ``--rho``.
+LF and TrojanNN are crafted against a clean model trained first with the same recipe (SSBA trains
+its encoder on the clean images). The adaptive attack is BadNets trained with ASAM at ``--rho``.
 
 Run from the repository root (writes a markdown table and a JSON file; minutes to hours on CPU):
   .venv/bin/python experiments/attack_suite.py --out experiments/results/attack_suite
