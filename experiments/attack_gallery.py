@@ -15,11 +15,9 @@ import os
 import time
 
 import jax
-import numpy as np
 
 from d3jax import attacks, train
-from d3jax.attacks import CleanModel, PoisonedSet
-from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.attacks.training import AttackTrainConfig, build_trigger, train_clean
 from d3jax.data import load_dataset
 from d3jax.models import get_model
 
@@ -38,16 +36,13 @@ def main() -> None:
   start = time.time()
   model = get_model("small_cnn", dataset.num_classes, width=16)
   normalization = train.Normalization(dataset.mean, dataset.std)
-  clean_set = PoisonedSet(dataset.x_train, dataset.y_train, np.zeros(len(dataset.y_train), bool),
-                          dataset.y_train)
   recipe = AttackTrainConfig(epochs=args.clean_epochs, learning_rate=0.05, cosine_t_max=args.clean_epochs)
-  variables, _ = train_backdoored(model, clean_set, normalization, recipe, key, desc="clean model")
-  clean = CleanModel(model, variables, normalization, dataset.x_train, dataset.y_train)
-  shape = dataset.image_shape
+  clean = train_clean(model, dataset, normalization, recipe, key)
   # The adaptive attack trains a base attack's trigger with SAM: its row would repeat BadNets'.
   configs = {name: attacks.get(name) for name in attacks.names() if name != "adaptive"}
   configs["lf"] = attacks.get("lf", max_passes=args.lf_passes)
-  triggers = {name: config.trigger(shape, clean=clean, target=0, key=jax.random.fold_in(key, 1))
+  triggers = {name: build_trigger(config, dataset, model=model, normalization=normalization,
+                                  config=recipe, target=0, key=jax.random.fold_in(key, 1), clean=clean)
               for name, config in configs.items()}
   images = dataset.x_test[dataset.y_test != 0][:args.images]
   attacks.write_gallery(triggers, images, args.out)

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 
 from d3jax import attacks, metrics, train
-from d3jax.attacks import CleanModel, backdoor_test_set, poison_dataset
+from d3jax.attacks import backdoor_test_set, poison_dataset
 from d3jax.attacks.adaptive import SAMProgram
-from d3jax.attacks.training import AttackTrainConfig
+from d3jax.attacks.training import AttackTrainConfig, build_trigger, train_clean
 from d3jax.attacks.wanet import WaNetProgram, WaNetTraining
 from d3jax.data import load_dataset
 from d3jax.models import get_model
@@ -51,14 +51,14 @@ def run_dataset(name: str, attack_names: list[str], args: argparse.Namespace) ->
                        desc=f"{name} {program.recipe.__class__.__name__}")[0]
 
   clean = None
-  if {"lf", "ssba", "trojannn"} & set(attack_names):
-    clean_variables = fit(train.Program(model, recipe, normalization), dataset.x_train, dataset.y_train)
-    clean = CleanModel(model, clean_variables, normalization, dataset.x_train, dataset.y_train)
+  if any(attacks.get(name).crafts_on == "model" for name in attack_names):  # one for LF and TrojanNN
+    clean = train_clean(model, dataset, normalization, recipe, jax.random.fold_in(key, 5))
   rows = []
   for attack_name in attack_names:
     start = time.time()
     config = attacks.get(attack_name, **({"rho": args.rho} if attack_name == "adaptive" else {}))
-    trigger = config.trigger(dataset.image_shape, clean=clean, target=0, key=jax.random.fold_in(key, 3))
+    trigger = build_trigger(config, dataset, model=model, normalization=normalization, config=recipe,
+                            target=0, key=jax.random.fold_in(key, 3), clean=clean)
     if attack_name == "wanet":
       training = WaNetTraining(**recipe.__dict__, num_classes=dataset.num_classes)
       variables = fit(WaNetProgram(model, training, normalization), dataset.x_train, dataset.y_train)

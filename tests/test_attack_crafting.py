@@ -11,7 +11,9 @@ from d3jax.attacks import CleanModel, get
 from d3jax.attacks.clean import unit
 from d3jax.attacks.lf import generate_pattern, targeted_deepfool
 from d3jax.attacks.ssba import Encoded, train_encoder
+from d3jax.attacks.training import AttackTrainConfig, build_trigger
 from d3jax.attacks.trojannn import layer_input, mask_image, optimise_trigger, select_neurons
+from d3jax.data.dataset import Dataset
 
 SHAPE = (16, 16, 1)
 
@@ -116,3 +118,17 @@ def test_ssba_encoder_hides_bits_in_sample_specific_residuals(rbg_key):
   np.testing.assert_array_equal(config.secret(), get("ssba", bits=8).secret())
   with pytest.raises(ValueError, match="SSBA trains its encoder on clean images"):
     config.trigger((8, 8, 1))
+
+
+def test_build_trigger_uses_what_each_attack_crafts_on(clean, rbg_key):
+  dataset = Dataset(clean.images, clean.labels, clean.images[:8], clean.labels[:8], num_classes=4,
+                    mean=(0.5,), std=(0.25,))
+  common = dict(model=clean.model, normalization=clean.normalization,
+                config=AttackTrainConfig(epochs=1), target=1, key=rbg_key)
+  assert get("badnets").crafts_on == "nothing"
+  assert build_trigger(get("badnets"), dataset, **common).name == "badnets"
+  given = build_trigger(get("trojannn", steps=3), dataset, clean=clean, **common)
+  trigger, _ = optimise_trigger(get("trojannn", steps=3), clean, mask_image(get("trojannn"), SHAPE))
+  np.testing.assert_array_equal(given.pattern, trigger.astype(np.float32))
+  assert get("lf").crafts_on == "model" and get("lf", pattern_path="p.npy").crafts_on == "nothing"
+  assert get("ssba").crafts_on == "images" and get("adaptive", base="lf").crafts_on == "model"

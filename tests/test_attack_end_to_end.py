@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 
 from d3jax import attacks, metrics, train
-from d3jax.attacks import (CleanModel, PoisonedSet, backdoor_test_set, get, poison_dataset,
-                           poison_multi)
+from d3jax.attacks import backdoor_test_set, get, poison_dataset, poison_multi
 from d3jax.attacks.adaptive import SAMProgram
-from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.attacks.training import AttackTrainConfig, train_backdoored, train_clean
 from d3jax.attacks.wanet import WaNetProgram, WaNetTraining
 from d3jax.models import get_model
 
@@ -37,9 +36,8 @@ def _measure(setting, variables, digits, bd_test):
 
 @pytest.fixture(scope="module")
 def clean_model(setting, digits, rbg_key):
-  clean = PoisonedSet(digits.x_train, digits.y_train, np.zeros(len(digits.y_train), bool), digits.y_train)
   model, normalization = setting
-  return CleanModel(model, _fit(setting, clean, rbg_key), normalization, digits.x_train, digits.y_train)
+  return train_clean(model, digits, normalization, RECIPE, rbg_key, progress=False)
 
 
 def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_model, rbg_key):

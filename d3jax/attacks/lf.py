@@ -69,6 +69,11 @@ class LFConfig:
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
 
+  @property
+  def crafts_on(self) -> str:
+    """A clean ``"model"`` to generate the pattern, or ``"nothing"`` with a pattern file."""
+    return "nothing" if self.pattern_path else "model"
+
   def __post_init__(self) -> None:
     for field in ("num_images", "eval_per_class", "max_iter", "max_passes", "filter_taps"):
       if getattr(self, field) < 1:

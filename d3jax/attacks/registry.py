@@ -3,7 +3,9 @@
 ``get`` returns the attack's frozen config dataclass, holding the published defaults. Every
 config has class attributes ``name``, ``label_modes`` (the label modes it is defined for; the
 first is its default) and ``kind``: ``"poison"`` for data-poisoning attacks, ``"training"``
-for attacks that control training. ``config.trigger(image_shape, *, clean=None, target=0,
+for attacks that control training; ``crafts_on`` says what building the trigger needs:
+``"nothing"``, the attacker's clean ``"images"`` or a clean ``"model"`` (see
+:func:`d3jax.attacks.training.build_trigger`, which trains one when needed). ``config.trigger(image_shape, *, clean=None, target=0,
 key=None)`` builds the pixel-space trigger (for a training-controlled attack, the one its
 backdoor test set uses); attacks crafted against a clean model (LF without a pattern file,
 TrojanNN; SSBA trains on its images only) need ``clean`` (:class:`d3jax.attacks.clean.CleanModel`)
@@ -44,6 +46,7 @@ class BadNetsConfig:
   name: ClassVar[str] = "badnets"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "nothing"
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> BadNets:
@@ -74,6 +77,7 @@ class BlendedConfig:
   name: ClassVar[str] = "blended"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "nothing"
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> Blended:
@@ -98,6 +102,7 @@ class SIGConfig:
   name: ClassVar[str] = "sig"
   label_modes: ClassVar[tuple[str, ...]] = SIG.label_modes
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "nothing"
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> SIG:

@@ -21,6 +21,7 @@ import optax
 
 from d3jax.attacks.clean import CleanModel, unit
 from d3jax.attacks.triggers import LABEL_MODES, ImageShape, _check_batch, _image_shape
+from d3jax.data.dataset import validate_images
 from d3jax.models.conv import Conv
 
 
@@ -84,6 +85,7 @@ class SSBAConfig:
   name: ClassVar[str] = "ssba"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "images"
 
   def __post_init__(self) -> None:
     for field in ("bits", "width", "steps", "batch_size"):
@@ -95,12 +97,18 @@ class SSBAConfig:
 
   def trigger(self, image_shape: ImageShape, *, clean: CleanModel | None = None, target: int = 0,
               key: jax.Array | None = None) -> "Encoded":
-    """Trains the encoder on ``clean.images`` (its model is not used) and returns the trigger."""
+    """Trains the encoder on ``clean.images`` (its model and variables are not used) and returns
+    the trigger."""
     del target
     image_shape = _image_shape(image_shape)
     if clean is None or key is None:
       raise ValueError("SSBA trains its encoder on clean images: pass clean=CleanModel(...) and a key.")
-    params, _ = train_encoder(self, clean.checked(image_shape, "SSBA").images, key)
+    validate_images(clean.images, "SSBA clean images")
+    if clean.images.shape[1:] != image_shape:
+      raise ValueError(
+          f"SSBA: the clean images have shape {clean.images.shape[1:]} but the trigger is built for "
+          f"{image_shape}; pass images of the attacked dataset.")
+    params, _ = train_encoder(self, clean.images, key)
     return Encoded(image_shape, params, self.secret(), self.width)
 
   def secret(self) -> np.ndarray:
