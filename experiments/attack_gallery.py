@@ -2,7 +2,8 @@
 clean | poisoned | magnified residual, on CIFAR-10 test images.
 
 LF and TrojanNN are crafted against a clean small CNN trained here for a few epochs (a gallery
-needs the trigger's look, not a strong model); LF runs at most ``--lf-passes`` passes.
+needs the trigger's look, not a strong model); LF runs at most ``--lf-passes`` passes and SSBA's
+encoder trains for ``--ssba-steps`` steps (its default is 2000).
 
 Run from the repository root:
   .venv/bin/python experiments/attack_gallery.py [--out experiments/results/attack_gallery.png]
@@ -29,6 +30,7 @@ def main() -> None:
   parser.add_argument("--out", default="experiments/results/attack_gallery.png")
   parser.add_argument("--clean-epochs", type=int, default=3)
   parser.add_argument("--lf-passes", type=int, default=3)
+  parser.add_argument("--ssba-steps", type=int, default=300)
   parser.add_argument("--images", type=int, default=4)
   args = parser.parse_args()
   dataset = load_dataset(f"npz:{CIFAR}" if os.path.isfile(CIFAR) else "mnist5k")
@@ -41,6 +43,7 @@ def main() -> None:
   # The adaptive attack trains a base attack's trigger with SAM: its row would repeat BadNets'.
   configs = {name: attacks.get(name) for name in attacks.names() if name != "adaptive"}
   configs["lf"] = attacks.get("lf", max_passes=args.lf_passes)
+  configs["ssba"] = attacks.get("ssba", steps=args.ssba_steps)
   triggers = {name: build_trigger(config, dataset, model=model, normalization=normalization,
                                   config=recipe, target=0, key=jax.random.fold_in(key, 1), clean=clean)
               for name, config in configs.items()}

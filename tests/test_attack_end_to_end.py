@@ -1,6 +1,5 @@
 """Every attack, end to end on the embedded digits (16×16×1) with a width-8 small CNN: poison,
 train a few epochs, and check the backdoor is learned (ASR well above the 10% of chance)."""
-import jax
 import numpy as np
 import pytest
 

@@ -1,6 +1,5 @@
 """ASAM as an optax transformation, and the adaptive attack's recipe and program."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax

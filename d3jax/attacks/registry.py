@@ -4,12 +4,12 @@
 config has class attributes ``name``, ``label_modes`` (the label modes it is defined for; the
 first is its default) and ``kind``: ``"poison"`` for data-poisoning attacks, ``"training"``
 for attacks that control training; ``crafts_on`` says what building the trigger needs:
-``"nothing"``, the attacker's clean ``"images"`` or a clean ``"model"`` (see
-:func:`d3jax.attacks.training.build_trigger`, which trains one when needed). ``config.trigger(image_shape, *, clean=None, target=0,
-key=None)`` builds the pixel-space trigger (for a training-controlled attack, the one its
-backdoor test set uses); attacks crafted against a clean model (LF without a pattern file,
-TrojanNN; SSBA trains on its images only) need ``clean`` (:class:`d3jax.attacks.clean.CleanModel`)
-and, for random draws, ``key``.
+``"nothing"``, the attacker's clean ``"images"`` or a clean ``"model"``.
+``config.trigger(image_shape, *, clean=None, target=0, key=None)`` builds the pixel-space trigger
+(for a training-controlled attack, the one its backdoor test set uses); attacks that craft on a
+clean model or clean images (LF without a pattern file, TrojanNN, SSBA) need ``clean``
+(:class:`d3jax.attacks.clean.CleanModel`) and a ``key``;
+:func:`d3jax.attacks.training.build_trigger` trains a clean model when one is needed.
 """
 from __future__ import annotations
 
