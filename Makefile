@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt -e ".[data,dev]"
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[data,dev,notebooks]"
 	touch $@
 
 env: $(VENV)/.installed

@@ -1,26 +1,37 @@
-"""Run directories (DESIGN.md, Artifacts): ``config.json``, ``metrics.json`` and orbax checkpoints.
+"""Run directories (DESIGN.md, Artifacts): JSON files, orbax checkpoints and a sha256 manifest.
 
 A run directory holds the run's configuration, every number a table needs, and the model
 variables (a pytree such as ``{'params': ..., 'batch_stats': ...}``) saved with orbax's
 StandardCheckpointer. Nothing is pickled: loading a run reads JSON and tensorstore arrays only and
 never executes code from the files.
+
+A run is built in a hidden sibling ``.<name>.partial`` (:func:`staging_dir`) and renamed into
+place by :func:`finish_run` once every file is written, so a run killed mid-way leaves no
+directory that loads. ``finish_run`` writes ``manifest.json`` with the sha256 of every file;
+:func:`verify_run` checks it, so a damaged or hand-edited run is refused. While it trains, a run
+keeps per-epoch training states in ``checkpoints/`` of the staging directory
+(:class:`EpochCheckpoints`, orbax ``CheckpointManager``), which is what ``--resume`` reads.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
+MANIFEST = "manifest.json"
 _HOW_TO_CREATE = ("runs are created with d3jax.checkpoint.save_run(run_dir, variables, "
                   "config=...)")
 
 
-def _to_json(value: Any, key: str) -> Any:
+def to_json(value: Any, key: str) -> Any:
   """Returns ``value`` with numpy/jax scalars made python; TypeError names the offending key."""
   if isinstance(value, (np.generic, np.ndarray, jax.Array)) and np.ndim(value) == 0:
     value = value.item()
@@ -30,9 +41,9 @@ def _to_json(value: Any, key: str) -> Any:
     for k in value:
       if not isinstance(k, str):
         raise TypeError(f"{key}: JSON keys must be strings, got {k!r} ({type(k).__name__}).")
-    return {k: _to_json(v, f"{key}/{k}") for k, v in value.items()}
+    return {k: to_json(v, f"{key}/{k}") for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_to_json(v, f"{key}/{i}") for i, v in enumerate(value)]
+    return [to_json(v, f"{key}/{i}") for i, v in enumerate(value)]
   raise TypeError(
       f"{key}: {type(value).__name__} is not JSON-serializable; store numbers, strings, lists "
       "and dicts (convert arrays with .tolist(), save large arrays as a checkpoint).")
@@ -45,17 +56,25 @@ def save_json(path: str | Path, obj: dict) -> Path:
     TypeError: naming the '/'-joined key of the first value JSON cannot represent.
   """
   path = Path(path)
-  text = json.dumps(_to_json(obj, path.name), sort_keys=True, indent=2)
+  text = json.dumps(to_json(obj, path.name), sort_keys=True, indent=2)
   path.write_text(text + "\n")
   return path
 
 
 def load_json(run_dir: str | Path, filename: str) -> Any:
-  """Reads ``run_dir/filename`` (e.g. ``"config.json"``)."""
+  """Reads ``run_dir/filename`` (e.g. ``"config.json"``).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: the file is not valid JSON (the message names the file, line and column).
+  """
   path = Path(run_dir) / filename
   if not path.is_file():
     raise FileNotFoundError(f"no {filename} at {path}; {_HOW_TO_CREATE}.")
-  return json.loads(path.read_text())
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    raise ValueError(f"{path} is not valid JSON ({err}); the file is damaged.") from None
 
 
 def _checkpoint_path(run_dir: str | Path, name: str) -> Path:
@@ -76,9 +95,9 @@ def save_run(run_dir: str | Path, variables: PyTree, *, config: dict,
     The absolute run directory.
   """
   path = _checkpoint_path(run_dir, name)
-  files = {"config.json": _to_json(config, "config")}
+  files = {"config.json": to_json(config, "config")}
   if metrics is not None:
-    files["metrics.json"] = _to_json(metrics, "metrics")
+    files["metrics.json"] = to_json(metrics, "metrics")
   path.parent.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     for filename, obj in files.items():
@@ -123,7 +142,8 @@ def load_variables(run_dir: str | Path, like: PyTree, name: str = "variables") -
 
   Raises:
     FileNotFoundError: no run directory or no checkpoint of that name.
-    ValueError: the saved tree differs from ``like`` in structure or in a leaf's shape.
+    ValueError: the saved tree differs from ``like`` in structure or in a leaf's shape, or the
+      checkpoint files cannot be read.
   """
   run_dir = Path(run_dir)
   if not run_dir.is_dir():
@@ -135,11 +155,23 @@ def load_variables(run_dir: str | Path, like: PyTree, name: str = "variables") -
         f"no checkpoint {name!r} at {path} (checkpoints there: {found or 'none'}); "
         f"{_HOW_TO_CREATE}.")
   with ocp.StandardCheckpointer() as checkpointer:
-    saved = checkpointer.metadata(path).item_metadata.tree
+    try:
+      saved = checkpointer.metadata(path).item_metadata.tree
+    except Exception as err:  # noqa: BLE001 - orbax fails in many ways on damaged files
+      raise _damaged(path, err) from None
     mismatch = _first_mismatch(_flat_shapes(saved), _flat_shapes(like))
     if mismatch:
       raise ValueError(f"checkpoint at {path} does not match the model: {mismatch}.")
-    return checkpointer.restore(path, like)
+    try:
+      return checkpointer.restore(path, like)
+    except Exception as err:  # noqa: BLE001
+      raise _damaged(path, err) from None
+
+
+def _damaged(path: Path, err: Exception) -> ValueError:
+  reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+  return ValueError(f"checkpoint at {path} cannot be read ({type(err).__name__}: {reason[:200]}); "
+                    "the files are damaged or were not written by orbax.")
 
 
 def load_run(run_dir: str | Path, like: PyTree,
@@ -150,3 +182,176 @@ def load_run(run_dir: str | Path, like: PyTree,
   metrics_path = Path(run_dir) / "metrics.json"
   metrics = load_json(run_dir, "metrics.json") if metrics_path.is_file() else None
   return variables, config, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic run directories with a manifest.
+
+
+def staging_dir(out: str | Path) -> Path:
+  """The hidden sibling ``.<name>.partial`` where the run ``out`` is built before the rename."""
+  out = Path(out).absolute()
+  return out.parent / f".{out.name}.partial"
+
+
+def _inside(path: Path, other: Path) -> bool:
+  return path == other or other in path.parents
+
+
+def check_out(out: str | Path, *, overwrite: bool = False, resume: bool = False,
+              inputs: Sequence[str | Path] = ()) -> Path:
+  """Validates an output run directory before any work starts; returns it absolute.
+
+  Raises:
+    ValueError: ``out`` is empty, or is (or contains, or lies inside) one of ``inputs``
+      (``--overwrite`` never replaces the input run).
+    FileExistsError: ``out`` exists and ``overwrite`` is False, or it is a file.
+    FileNotFoundError: ``resume`` and there is no interrupted run of ``out`` to resume.
+  """
+  if not str(out).strip():
+    raise ValueError("--out must name a run directory to write, got an empty string.")
+  path = Path(out).expanduser().absolute().resolve()
+  for run in inputs:
+    source = Path(run).expanduser().absolute().resolve()
+    if _inside(path, source) or _inside(source, path):
+      raise ValueError(f"--out {out} would overwrite the input run {run}; choose another "
+                       "directory (--overwrite never replaces an input run).")
+  if path.exists() and not path.is_dir():
+    raise FileExistsError(f"--out {out} is an existing file, not a run directory; choose "
+                          "another path.")
+  if path.exists() and not overwrite:
+    raise FileExistsError(f"--out {out} already exists; pass --overwrite to replace it or choose "
+                          "another directory.")
+  if resume and not (staging_dir(path) / "config.json").is_file():
+    raise FileNotFoundError(f"--resume: no interrupted run of {out} to resume (looked for "
+                            f"{staging_dir(path)}); run without --resume.")
+  return path
+
+
+def begin_run(out: Path, *, resume: bool = False) -> Path:
+  """Creates (or, when resuming, reuses) the staging directory of ``out`` and returns it."""
+  stage = staging_dir(out)
+  if not resume and stage.exists():
+    shutil.rmtree(stage)
+  stage.mkdir(parents=True, exist_ok=True)
+  return stage
+
+
+def _sha256(path: Path) -> str:
+  digest = hashlib.sha256()
+  with path.open("rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def _files(run_dir: Path) -> list[str]:
+  return sorted(p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")
+                if p.is_file() and p.name != MANIFEST)
+
+
+def finish_run(stage: Path, out: Path) -> Path:
+  """Writes the manifest of ``stage`` and renames it to ``out`` (replacing an old ``out``).
+
+  Per-epoch training checkpoints are dropped first: a finished run does not resume.
+  """
+  shutil.rmtree(stage / "checkpoints", ignore_errors=True)
+  save_json(stage / MANIFEST, {"sha256": {name: _sha256(stage / name) for name in _files(stage)}})
+  old = out.parent / f".{out.name}.old"
+  if out.exists():
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(out, old)
+  os.replace(stage, out)
+  shutil.rmtree(old, ignore_errors=True)
+  return out
+
+
+def verify_run(run_dir: str | Path) -> Path:
+  """Checks every file of a finished run against its manifest; returns the absolute path.
+
+  Raises:
+    FileNotFoundError: no such directory.
+    ValueError: no manifest (an unfinished or foreign directory), or a file that is missing,
+      added to the checkpoint, or whose sha256 differs from the manifest's.
+  """
+  path = Path(run_dir).expanduser().absolute()
+  if not path.is_dir():
+    raise FileNotFoundError(f"no run directory at {run_dir}; runs are written by `d3jax attack` "
+                            "and `d3jax defend`.")
+  if not (path / MANIFEST).is_file():
+    raise ValueError(f"{run_dir} is not a finished d3jax run (no {MANIFEST}); it was interrupted "
+                     "or not written by d3jax.")
+  manifest = load_json(path, MANIFEST)
+  expected = manifest.get("sha256") if isinstance(manifest, dict) else None
+  if not isinstance(expected, dict):
+    raise ValueError(f"{path / MANIFEST} has no 'sha256' table; the manifest is damaged.")
+  for name, digest in expected.items():
+    file = path / name
+    if not file.is_file():
+      raise ValueError(f"run {run_dir} is incomplete: {name} is listed in its manifest but "
+                       "missing.")
+    if _sha256(file) != digest:
+      raise ValueError(f"run {run_dir} was modified or damaged: {name} does not match the sha256 "
+                       "in its manifest.")
+  extra = [name for name in _files(path) if name not in expected and name.startswith("variables/")]
+  if extra:
+    raise ValueError(f"run {run_dir} was modified: {extra[0]} is not in its manifest.")
+  return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-epoch training states for resume.
+
+
+def _is_key(leaf: Any) -> bool:
+  return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(tree: PyTree) -> PyTree:
+  """Typed PRNG keys as their raw uint32 data (orbax stores plain arrays only)."""
+  return jax.tree.map(lambda leaf: jax.random.key_data(leaf) if _is_key(leaf) else leaf, tree)
+
+
+class EpochCheckpoints:
+  """Training states saved after every epoch with orbax's ``CheckpointManager``.
+
+  Keeps the last ``keep`` epochs under ``directory``; typed PRNG keys in the state are stored
+  as their key data and rewrapped (with the implementation of ``like``'s keys) on restore.
+  """
+
+  def __init__(self, directory: str | Path, keep: int = 2):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=False)
+    self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+  def __enter__(self) -> "EpochCheckpoints":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def latest(self) -> int | None:
+    """The last saved epoch (1-based), or None."""
+    return self._manager.latest_step()
+
+  def save(self, epoch: int, state: PyTree) -> None:
+    self._manager.save(epoch, args=ocp.args.StandardSave(_key_data(state)))
+    self._manager.wait_until_finished()
+
+  def restore(self, like: PyTree, epoch: int | None = None) -> PyTree:
+    """The state of ``epoch`` (default: the latest), with the structure and dtypes of ``like``."""
+    epoch = self.latest() if epoch is None else epoch
+    if epoch is None:
+      raise FileNotFoundError(f"no epoch checkpoint in {self._manager.directory} to resume from.")
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                            _key_data(like))
+    try:
+      raw = self._manager.restore(epoch, args=ocp.args.StandardRestore(abstract))
+    except Exception as err:  # noqa: BLE001 - orbax fails in many ways on damaged files
+      raise _damaged(Path(self._manager.directory) / str(epoch), err) from None
+    return jax.tree.map(
+        lambda ref, leaf: jax.random.wrap_key_data(leaf, impl=jax.random.key_impl(ref))
+        if _is_key(ref) else leaf, like, raw)

@@ -1,93 +1,285 @@
-"""The ``d3jax`` command: ``demo``, ``attack`` and ``defend`` (DESIGN.md "The command line")."""
+"""The ``d3jax`` command, derived from the config dataclasses with tyro.
+
+``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN`` and
+``d3jax demo``. Every field of the attack run, its training recipe and every registered
+defense's config is a flag (shown with its default in ``--help``); a defense added to the
+registry becomes a ``defend`` subcommand by itself. ``--config FILE`` (YAML or JSON, as
+``--print-config`` writes it) sets defaults that flags override.
+
+Errors caused by the input (a bad value, a missing file, an existing ``--out``) print one line
+on stderr and exit with status 2; ``--debug`` shows the traceback. Other errors are bugs and
+keep their traceback.
+"""
 from __future__ import annotations
 
-import argparse
+import contextlib
 import dataclasses
+import io
+import logging
+import re
 import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
 
-from d3jax import checkpoint, pipeline
-from d3jax.attacks.training import AttackTrainConfig
-from d3jax.defenses import D3Config, FTConfig
+import tyro
+import yaml
+from tqdm import tqdm
 
+import d3jax
+from d3jax import compile_cache, defenses, pipeline, runs
+from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 
-def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="d3jax", description="Backdoor attacks and defenses in JAX.")
-  commands = parser.add_subparsers(dest="command", required=True)
-
-  demo = commands.add_parser("demo", help="backdoor, defend with FT and D3, print the table")
-  demo.add_argument("--out", default="demo_out", help="directory for results.json")
-
-  attack = commands.add_parser("attack", help="train a backdoored model into a run directory")
-  attack.add_argument("--out", required=True, help="run directory to write")
-  attack.add_argument("--dataset", default="mnist5k", help="digits | mnist5k | npz:<path> | tfds:<name>")
-  attack.add_argument("--model", default="small_cnn")
-  attack.add_argument("--width", type=int, default=None, help="model width option")
-  attack.add_argument("--attack", default="badnets", help="badnets | blended")
-  attack.add_argument("--ratio", type=float, default=0.1, help="poisoning ratio")
-  attack.add_argument("--target", type=int, default=0)
-  attack.add_argument("--label-mode", default="all2one", help="all2one | all2all | clean_label")
-  attack.add_argument("--lr", type=float, default=0.05)
-  add_training_options(attack, epochs=8, batch_size=128)
-
-  defend = commands.add_parser("defend", help="defend a saved backdoored model")
-  defend.add_argument("--attack-run", required=True, help="run directory written by `d3jax attack`")
-  defend.add_argument("--out", required=True, help="run directory to write")
-  defend.add_argument("--defense", default="d3", help="d3 | ft")
-  defend.add_argument("--preset", default="paper", help="D3 preset: paper | official")
-  defend.add_argument("--reserved-ratio", type=float, default=0.05)
-  add_training_options(defend, epochs=100, batch_size=256)
-  return parser
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+Flat = tyro.conf.OmitArgPrefixes
+TYRO_CONFIG = (tyro.conf.OmitSubcommandPrefixes, tyro.conf.CascadeSubcommandArgs)
 
 
-def add_training_options(parser: argparse.ArgumentParser, *, epochs: int, batch_size: int) -> None:
-  """--epochs, --batch-size, --flip and --seed, shared by `attack` and `defend`."""
-  parser.add_argument("--epochs", type=int, default=epochs)
-  parser.add_argument("--batch-size", type=int, default=batch_size)
-  parser.add_argument("--flip", action="store_true", help="random horizontal flips (CIFAR-10, spec §1.3)")
-  parser.add_argument("--seed", type=int, default=0)
+@dataclasses.dataclass(frozen=True)
+class Session:
+  quiet: bool = False
+  """no progress bars or per-epoch lines on the terminal (the run's log.txt keeps them)"""
+  debug: bool = False
+  """show the Python traceback of an error"""
+  compile_cache: bool = True
+  """keep compiled programs in $D3JAX_CACHE_DIR (default ~/.cache/d3jax/jax) so later runs start faster"""
 
 
-def command_attack(args: argparse.Namespace) -> None:
-  options = {} if args.width is None else {"width": args.width}
-  run = pipeline.AttackRun(
-      dataset=args.dataset, model=args.model, model_options=options, attack=args.attack,
-      ratio=args.ratio, target=args.target, label_mode=args.label_mode, seed=args.seed,
-      train=AttackTrainConfig(epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size,
-                              cosine_t_max=args.epochs, flip=args.flip))
-  backdoored = pipeline.attack(run)
-  pipeline.save_attack(backdoored, args.out)
-  print(pipeline.format_table([pipeline.table_row(args.attack, "none", backdoored.baseline)]))
+@dataclasses.dataclass(frozen=True)
+class Output:
+  out: str
+  """run directory to write; built in a hidden sibling and renamed into place when complete"""
+  overwrite: bool = False
+  """replace an existing --out (never the input run)"""
+  resume: bool = False
+  """continue the interrupted run of --out after its last finished epoch (same settings)"""
+  eval_every: int = 1
+  """measure ACC/ASR/RA on the test sets every N epochs (0: final model only); evaluation only"""
+  config: Optional[str] = None
+  """YAML or JSON file of settings, as --print-config writes them; flags override it"""
+  print_config: bool = False
+  """print the resolved settings as YAML and exit"""
 
 
-def command_defend(args: argparse.Namespace) -> None:
-  if args.defense == "d3":
-    config = D3Config.preset(args.preset, epochs=args.epochs, batch_size=args.batch_size, flip=args.flip)
-  elif args.defense == "ft":
-    config = FTConfig(epochs=args.epochs, batch_size=args.batch_size, flip=args.flip)
+@dataclasses.dataclass(frozen=True)
+class AttackCommand:
+  """Train a backdoored model into a run directory."""
+  output: Annotated[Output, Flat]
+  run: Annotated[AttackRun, Flat] = AttackRun()
+  session: Annotated[Session, Flat] = Session()
+
+  def settings(self) -> dict:
+    return self.run.to_json()
+
+
+def _defense_union() -> Any:
+  """One ``defend`` subcommand per registered defense, with that defense's default config."""
+  choices = tuple(Annotated[config_type, tyro.conf.subcommand(name, default=config_type())]
+                  for name, config_type in defenses.REGISTRY.items())
+  return Union[choices]  # type: ignore[valid-type]
+
+
+def defense_name(config: Any) -> str:
+  for name, config_type in defenses.REGISTRY.items():
+    if type(config) is config_type:  # pylint: disable=unidiomatic-typecheck
+      return name
+  raise TypeError(f"no registered defense takes a {type(config).__name__}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class DefendCommand:
+  """Defend the model of an attack run; writes a defense run directory."""
+  attack_run: str
+  """run directory written by `d3jax attack` (read only)"""
+  output: Annotated[Output, Flat]
+  defense: Annotated[_defense_union(), tyro.conf.arg(name="")] = defenses.D3Config()  # type: ignore[valid-type]
+  """the defense and its settings (default: d3)"""
+  reserved: ReservedSplit = ReservedSplit()
+  session: Annotated[Session, Flat] = Session()
+
+  def settings(self) -> dict:
+    return {"defense": defense_name(self.defense), "config": dataclasses.asdict(self.defense),
+            "reserved": dataclasses.asdict(self.reserved)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalCommand:
+  """Re-measure a run directory (ACC/ASR/RA, and DER for a defense run)."""
+  run: tyro.conf.Positional[str]
+  session: Annotated[Session, Flat] = Session()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShowCommand:
+  """Print a run's config and its recorded table."""
+  run: tyro.conf.Positional[str]
+  session: Annotated[Session, Flat] = Session()
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoCommand:
+  """Backdoor a small CNN with BadNets and Blended, defend with FT and D3, print the table."""
+  out: str = "demo_out"
+  """directory for results.json"""
+  session: Annotated[Session, Flat] = Session()
+
+
+COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "eval": EvalCommand,
+            "show": ShowCommand, "demo": DemoCommand}
+
+
+def _config_file(argv: list[str]) -> str | None:
+  """The value of ``--config`` in ``argv`` (read before parsing: it sets the defaults)."""
+  for i, arg in enumerate(argv):
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+  return None
+
+
+def read_settings(path: str) -> dict:
+  """A YAML or JSON settings file as a dict; errors name the file."""
+  file = Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"--config {path}: no such file.")
+  try:
+    data = yaml.safe_load(file.read_text())
+  except (yaml.YAMLError, UnicodeDecodeError) as err:
+    reason = " ".join(str(err).split())
+    raise ValueError(f"--config {path} is not valid YAML or JSON ({reason}).") from None
+  if not isinstance(data, dict):
+    raise ValueError(f"--config {path} must hold a mapping of settings, got {type(data).__name__}.")
+  return data
+
+
+def _defaults(command: str, settings: dict) -> Any:
+  """The command's default instance with the settings of a config file."""
+  if command == "attack":
+    return AttackCommand(output=Output(out=tyro.MISSING), run=AttackRun.from_json(settings))
+  if command != "defend":
+    raise ValueError(f"--config applies to attack and defend, not {command}.")
+  unknown = sorted(set(settings) - {"defense", "config", "reserved"})
+  if unknown:
+    raise ValueError(f"--config: unknown setting(s) {unknown}; allowed: defense, config, reserved.")
+  name = settings.get("defense", "d3")
+  if name not in defenses.REGISTRY:
+    raise ValueError(f"--config: defense must be one of {', '.join(defenses.REGISTRY)}, got {name!r}.")
+  config = from_dict(defenses.REGISTRY[name], settings.get("config", {}), "config")
+  return DefendCommand(attack_run=tyro.MISSING, output=Output(out=tyro.MISSING), defense=config,
+                       reserved=from_dict(ReservedSplit, settings.get("reserved", {}), "reserved"))
+
+
+def _one_line(text: str) -> str:
+  """tyro's boxed parse error (unicode or ASCII borders) as one line: "<title>: <body>"."""
+  rows = []
+  for line in text.strip().splitlines():
+    line = line.strip()
+    if line[:1] in "│|" and line[-1:] in "│|":
+      line = line[1:-1].strip()
+    rows.append(line)
+  if not rows:
+    return "invalid arguments; see d3jax --help."
+  title = re.sub(r"^[╭+][─-]+\s*|\s*[─-]+[╮+]$", "", rows[0])
+  body = [row for row in rows[1:] if row and not re.fullmatch(r"[─━╰╯+=-]+", row)]
+  body = " ".join(" ".join(body).split("For full helptext")[0].split())
+  body = re.sub(r"^Error parsing \S+: ", "", body)
+  return body if title == "Value error" or body.startswith(title) else f"{title}: {body}"
+
+
+def parse(argv: list[str]) -> Any:
+  """The command object for ``argv`` (``SystemExit`` for --help and parse errors)."""
+  config = _config_file(argv)
+  command = argv[0] if argv else None
+  if config is not None and command in COMMANDS:
+    default = _defaults(command, read_settings(config))
+    return tyro.cli(COMMANDS[command], args=argv[1:], default=default, prog=f"d3jax {command}",
+                    config=TYRO_CONFIG)
+  return tyro.extras.subcommand_cli_from_dict(
+      COMMANDS, args=argv, prog="d3jax", description=f"d3jax {d3jax.__version__}: backdoor "
+      "attacks and post-training defenses (D3) in JAX.", config=TYRO_CONFIG)
+
+
+def _parse_quietly(argv: list[str]) -> Any:
+  """:func:`parse` with tyro's parse errors turned into one line on stderr (exit 2)."""
+  captured = io.StringIO()
+  try:
+    with contextlib.redirect_stderr(captured):
+      return parse(argv)
+  except SystemExit as exit_:
+    if exit_.code:
+      print(f"d3jax: error: {_one_line(captured.getvalue())}", file=sys.stderr)
+    raise
+
+
+class _AboveProgressBars(logging.Handler):
+  """Writes log lines to stderr above any tqdm progress bar instead of through it."""
+
+  def emit(self, record: logging.LogRecord) -> None:
+    tqdm.write(self.format(record), file=sys.stderr)
+
+
+def _setup(session: Session) -> None:
+  logger = logging.getLogger("d3jax")
+  logger.setLevel(logging.INFO)
+  logger.handlers.clear()
+  logger.propagate = False
+  if not session.quiet:
+    logger.addHandler(_AboveProgressBars())
+  if session.compile_cache:
+    compile_cache.enable()
+
+
+def run_command(command: Any) -> None:
+  """Runs a parsed command."""
+  _setup(command.session)
+  progress = not command.session.quiet
+  if isinstance(command, (AttackCommand, DefendCommand)) and command.output.print_config:
+    print(yaml.safe_dump(command.settings(), sort_keys=False), end="")
+    return
+  tracking = runs.Tracking(eval_every=command.output.eval_every, progress=progress) \
+      if isinstance(command, (AttackCommand, DefendCommand)) else None
+  if isinstance(command, AttackCommand):
+    out = command.output
+    _, row = runs.write_attack(command.run, out.out, overwrite=out.overwrite, resume=out.resume,
+                               tracking=tracking)
+    print(pipeline.format_table([row]))
+  elif isinstance(command, DefendCommand):
+    out = command.output
+    runs.RunWriter(out.out, overwrite=out.overwrite, resume=out.resume,
+                   inputs=[command.attack_run])  # refuse a bad --out before loading anything
+    source = runs.load(command.attack_run)
+    _, rows = runs.write_defense(source, defense_name(command.defense), command.defense,
+                                 command.reserved, out.out, overwrite=out.overwrite,
+                                 resume=out.resume, tracking=tracking)
+    print(pipeline.format_table(rows))
+  elif isinstance(command, EvalCommand):
+    print(pipeline.format_table([runs.load(command.run).measure()]))
+  elif isinstance(command, ShowCommand):
+    loaded = runs.load(command.run)
+    print(yaml.safe_dump(loaded.config, sort_keys=False), end="")
+    print(pipeline.format_table([loaded.metrics]))
+    for warning in loaded.metrics.get("warnings", []):
+      print(f"warning: {warning}")
   else:
-    raise SystemExit(f"d3jax defend: unknown defense {args.defense!r}; choose d3 or ft.")
-  backdoored = pipeline.load_attack(args.attack_run)
-  row, variables, log = pipeline.defense_row(backdoored, args.defense, config,
-                                             reserved_ratio=args.reserved_ratio, seed=args.seed)
-  before = pipeline.table_row(backdoored.run.attack, "none", backdoored.baseline)
-  checkpoint.save_run(args.out, variables, metrics=row, config={
-      "attack_run": str(args.attack_run), "defense": args.defense, "reserved_ratio": args.reserved_ratio,
-      "seed": args.seed, "defense_config": dataclasses.asdict(log["config"]),
-      "losses": log["losses"], "wall_time_s": log["wall_time_s"]})
-  print(pipeline.format_table([before, row]))
+    from d3jax.demo import run_demo  # pylint: disable=import-outside-toplevel
+    run_demo(command.out, progress=progress)
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
-  if args.command == "demo":
-    from d3jax.demo import run_demo
-    run_demo(args.out)
-  elif args.command == "attack":
-    command_attack(args)
-  else:
-    command_defend(args)
+  """The ``d3jax`` entry point; returns the exit status."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] in (["--version"], ["-V"]):
+    print(f"d3jax {d3jax.__version__}")
+    return 0
+  debug = "--debug" in argv
+  try:
+    command = _parse_quietly(argv) if not debug else parse(argv)
+    run_command(command)
+  except SystemExit as exit_:
+    return exit_.code if isinstance(exit_.code, int) else 2
+  except USER_ERRORS as err:
+    if debug:
+      raise
+    print(f"d3jax: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
   return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

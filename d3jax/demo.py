@@ -5,7 +5,7 @@ Settings are the published ones except where this CPU-sized setting needs otherw
 stated in the README):
 
 * Attack training: 8 epochs at learning rate 0.05 with a cosine over those 8 epochs, instead of
-  BackdoorBench's 100 epochs at 0.01 (spec §3.1) — 100 epochs do not fit a minutes-long demo.
+  BackdoorBench's 100 epochs at 0.01 — 100 epochs do not fit a minutes-long demo.
 * Defense batch size 32 instead of 256, for FT and D3 alike: the 5% reserved set of mnist5k has
   200 images, so batch 256 would give one step per epoch (100 steps in all), while the paper's
   2,500 images at batch 256 give 10 steps per epoch; batch 32 gives 7. Everything else is the

@@ -1,4 +1,5 @@
-"""Evaluating a model on the clean test set and the backdoor test set (spec §1.7, §5.8).
+"""Evaluating a model on the clean test set and the backdoor test set (ACC, ASR and RA as in
+BackdoorBench's evaluation: eval mode, no augmentation, the whole test sets).
 
 Evaluation is the experimenter's step, after a defense: defenses never call this.
 """

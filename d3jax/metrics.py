@@ -1,4 +1,5 @@
-"""Backdoor metrics computed from predictions: ACC, ASR, RA, DER and RIR (spec §1.7).
+"""Backdoor metrics computed from predictions: ACC, ASR, RA, DER and RIR (the D3 paper,
+§4.1 "Metrics", and Eq. (5) for DER).
 
 Model evaluation lives elsewhere; these functions only compare predicted class ids with labels.
 Predictions may be integer class ids of shape (N,) or logits/scores of shape (N, C), which are
@@ -62,7 +63,7 @@ def _match_rate(predictions: ArrayLike, labels: ArrayLike, what: str) -> float:
 
 
 def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
-  """Top-1 accuracy (ACC, spec §1.7): fraction of ``predictions`` equal to ``labels``.
+  """Top-1 accuracy (ACC): fraction of ``predictions`` equal to ``labels``.
 
   Args:
     predictions: int class ids (N,), or logits (N, C) which are reduced by argmax.
@@ -72,7 +73,7 @@ def accuracy(predictions: ArrayLike, labels: ArrayLike) -> float:
 
 
 def attack_success_rate(bd_predictions: ArrayLike, bd_labels: ArrayLike) -> float:
-  """ASR (spec §1.7): fraction of the backdoor test set predicted as its poisoned label.
+  """ASR: fraction of the backdoor test set predicted as its poisoned label.
 
   Args:
     bd_predictions: class ids (N,) or logits (N, C) of the model on the triggered test images.
@@ -82,7 +83,7 @@ def attack_success_rate(bd_predictions: ArrayLike, bd_labels: ArrayLike) -> floa
 
 
 def robust_accuracy(bd_predictions: ArrayLike, original_labels: ArrayLike) -> float:
-  """RA, the label-correction rate (spec §1.7): triggered images predicted as their true label.
+  """RA, the label-correction rate: triggered images predicted as their true label.
 
   Args:
     bd_predictions: class ids (N,) or logits (N, C) of the model on the triggered test images.
@@ -96,7 +97,7 @@ def summarize(clean_pred: ArrayLike, clean_labels: ArrayLike, bd_pred: ArrayLike
   """ACC on the clean test set, ASR and RA on the backdoor test set, from predictions.
 
   ``bd_labels`` are the poisoned labels and ``bd_orig_labels`` the true labels of the same
-  triggered images, both aligned with ``bd_pred`` (spec §1.4, §1.7).
+  triggered images, both aligned with ``bd_pred``.
   """
   return BackdoorMetrics(
       acc=accuracy(clean_pred, clean_labels),
@@ -126,7 +127,7 @@ def _rate(xp: types.ModuleType, improvement: ArrayLike,
 
 def der(acc_before: ArrayLike, asr_before: ArrayLike, acc_after: ArrayLike,
         asr_after: ArrayLike) -> Union[float, np.ndarray, jax.Array]:
-  """Defense Effectiveness Rating, Eq. (5) of the D3 paper (spec §1.7).
+  """Defense Effectiveness Rating, Eq. (5) of the D3 paper.
 
   DER = (max(0, ASR_before − ASR_after) − max(0, ACC_before − ACC_after) + 1) / 2, a fraction in
   [0, 1]: 0.5 means no change; an ASR increase is clipped to no credit and an ACC gain earns
@@ -144,7 +145,7 @@ def der(acc_before: ArrayLike, asr_before: ArrayLike, acc_after: ArrayLike,
 
 def rir(acc_before: ArrayLike, ra_before: ArrayLike, acc_after: ArrayLike,
         ra_after: ArrayLike) -> Union[float, np.ndarray, jax.Array]:
-  """Robust Improvement Rate (spec §1.7), DER's counterpart for label correction.
+  """Robust Improvement Rate, DER's counterpart for label correction.
 
   RIR = (max(0, RA_after − RA_before) − max(0, ACC_before − ACC_after) + 1) / 2. Same input
   conventions and return types as :func:`der`.

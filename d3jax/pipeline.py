@@ -1,52 +1,157 @@
 """End-to-end steps on a named dataset: backdoor a model, defend it, measure it.
 
 Used by the command line, the demo and ``experiments/``. Each step is a plain function with a
-JSON-serialisable config, so runs can be written to and read from run directories
-(:mod:`d3jax.checkpoint`). The defense step hands the defense only the model and the reserved
-clean set; the test sets are used afterwards, for measurement only.
+JSON-serialisable config. The defense step hands the defense only the model and the reserved
+clean set; the test sets are used afterwards, and per epoch for the curves, for measurement
+only. Run directories are written by :mod:`d3jax.runs`.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any
+import hashlib
+import os
+from typing import Any, Callable, Literal
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from d3jax import checkpoint, metrics
-from d3jax.attacks import PoisonedSet, get_trigger, poison_dataset
+from d3jax import metrics
+from d3jax.attacks import LABEL_MODES, PoisonedSet, get_trigger, poison_dataset
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
-from d3jax.data import Dataset, draw_reserved, load_dataset
-from d3jax.defenses import defend
+from d3jax.data import Dataset, draw_reserved, load_dataset, split_holdout
 from d3jax.evaluation import evaluate
-from d3jax.models import get_model
-from d3jax.train import Normalization, init_variables
+from d3jax.models import MODELS, get_model
+from d3jax.defenses import defend
+from d3jax.train import EpochCallback, Normalization, Restore, init_variables, predict
+
+
+def check_field(ok: bool, field: str, value: Any, allowed: str) -> None:
+  """Raises ``ValueError("<field> must be <allowed>, got <value>.")`` unless ``ok``."""
+  if not ok:
+    raise ValueError(f"{field} must be {allowed}, got {value!r}.")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _is_fraction(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+def _dataset_form_ok(spec: Any) -> bool:
+  return isinstance(spec, str) and (spec in ("digits", "mnist5k") or (
+      spec.startswith(("npz:", "tfds:")) and len(spec.partition(":")[2].strip()) > 0))
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackRun:
-  """Everything that defines a backdoored model (written to ``config.json``)."""
+  """Everything that defines a backdoored model (written to ``config.json``).
+
+  Attributes:
+    dataset: ``digits``, ``mnist5k``, ``npz:<path>`` or ``tfds:<name>`` (see
+      :func:`d3jax.data.load_dataset`); an npz path is stored absolute.
+    model: a name of :data:`d3jax.models.MODELS`.
+    model_options: options of that model, e.g. ``width``.
+    attack: the trigger, ``badnets`` or ``blended``.
+    attack_options: options of the trigger (BadNets ``size``, ``value``; Blended ``alpha``,
+      ``seed``, ``key_image``).
+    ratio: fraction of the training set poisoned, in [0, 1].
+    target: the target class, in [0, num_classes).
+    label_mode: ``all2one``, ``all2all`` or ``clean_label``.
+    seed: seeds the dataset split, the poisoning draw and the training.
+    train: the training recipe.
+  """
   dataset: str = "mnist5k"
-  model: str = "small_cnn"
-  model_options: dict = dataclasses.field(default_factory=dict)
+  model: Literal[MODELS] = "small_cnn"  # type: ignore[valid-type]
+  model_options: dict[str, int | bool] = dataclasses.field(default_factory=dict)
   attack: str = "badnets"
-  attack_options: dict = dataclasses.field(default_factory=dict)
+  attack_options: dict[str, int | float | str] = dataclasses.field(default_factory=dict)
   ratio: float = 0.1
   target: int = 0
-  label_mode: str = "all2one"
+  label_mode: Literal[LABEL_MODES] = "all2one"  # type: ignore[valid-type]
   seed: int = 0
   train: AttackTrainConfig = AttackTrainConfig()
+
+  def __post_init__(self) -> None:
+    check_field(_dataset_form_ok(self.dataset), "dataset", self.dataset,
+                "'digits', 'mnist5k', 'npz:<path>' or 'tfds:<name>'")
+    if self.dataset.startswith("npz:"):
+      object.__setattr__(self, "dataset", "npz:" + os.path.abspath(self.dataset[4:]))
+    check_field(self.model in MODELS, "model", self.model, f"one of {', '.join(MODELS)}")
+    check_field(isinstance(self.model_options, dict), "model_options", self.model_options,
+                "a dict of model options")
+    get_model(self.model, 10, **self.model_options)  # validates the option names and values
+    check_field(isinstance(self.attack, str), "attack", self.attack, "a trigger name")
+    check_field(isinstance(self.attack_options, dict), "attack_options", self.attack_options,
+                "a dict of trigger options")
+    check_field(_is_fraction(self.ratio), "ratio", self.ratio, "a fraction in [0, 1]")
+    check_field(_is_int(self.target) and self.target >= 0, "target", self.target,
+                "a class index ≥ 0")
+    check_field(self.label_mode in LABEL_MODES, "label_mode", self.label_mode,
+                f"one of {', '.join(LABEL_MODES)}")
+    check_field(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
+    check_field(isinstance(self.train, AttackTrainConfig), "train", self.train,
+                "an AttackTrainConfig")
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
 
   @classmethod
-  def from_json(cls, data: dict) -> "AttackRun":
-    data = dict(data)
-    data["train"] = AttackTrainConfig(**data.get("train", {}))
-    return cls(**data)
+  def from_json(cls, data: Any) -> "AttackRun":
+    """The inverse of :meth:`to_json`; unknown or mistyped fields raise ValueError."""
+    return from_dict(cls, data, "attack")
+
+
+def from_dict(cls: type, data: Any, where: str) -> Any:
+  """Builds the dataclass ``cls`` from a JSON/YAML dict, nested dataclasses included.
+
+  Raises:
+    ValueError: ``data`` is not a dict, names a field ``cls`` does not have, or a field's value
+      is rejected by the class's own checks.
+  """
+  if not isinstance(data, dict):
+    raise ValueError(f"{where} must be a mapping of {cls.__name__} fields, got {data!r}.")
+  fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ValueError(f"{where}: unknown field(s) {unknown}; {cls.__name__} has "
+                     f"{', '.join(fields)}.")
+  values = {}
+  for name, value in data.items():
+    default = fields[name].default
+    if dataclasses.is_dataclass(default) and not isinstance(value, type(default)):
+      value = from_dict(type(default), value, f"{where}.{name}")
+    values[name] = value
+  try:
+    return cls(**values)
+  except TypeError as err:
+    raise ValueError(f"{where}: {err}.") from None
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def dataset_spec(run: AttackRun, dataset: Dataset) -> dict:
+  """What identifies the data of a run: the source, its sha256 (npz), shapes and constants."""
+  source = run.dataset
+  return {"source": source, "seed": run.seed, "num_classes": dataset.num_classes,
+          "image_shape": list(dataset.image_shape), "n_train": len(dataset.x_train),
+          "n_test": len(dataset.x_test), "mean": list(dataset.mean), "std": list(dataset.std),
+          "sha256": file_sha256(source[4:]) if source.startswith("npz:") else None}
+
+
+def model_spec(run: AttackRun, dataset: Dataset) -> dict:
+  """Everything :func:`d3jax.models.get_model` needs to rebuild the model."""
+  return {"name": run.model, "num_classes": dataset.num_classes, "options": run.model_options,
+          "image_shape": list(dataset.image_shape)}
 
 
 @dataclasses.dataclass
@@ -71,10 +176,17 @@ class Backdoored:
     return evaluate(self.model, variables, self.dataset.x_test, self.dataset.y_test,
                     self.backdoor_test, self.normalization)
 
+  def like(self) -> Any:
+    """Shapes and dtypes of the model's variables (for restoring a checkpoint)."""
+    return jax.eval_shape(lambda: init_variables(self.model, self.dataset.image_shape,
+                                                 jax.random.key(0)))
+
 
 def prepare(run: AttackRun) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet]:
   """The dataset, the model, the poisoned training set and the backdoor test set of ``run``."""
   dataset = load_dataset(run.dataset, seed=run.seed)
+  check_field(run.target < dataset.num_classes, "target", run.target,
+              f"a class of {dataset.name}, in [0, {dataset.num_classes})")
   model = get_model(run.model, dataset.num_classes, **run.model_options)
   trigger = get_trigger(run.attack, dataset.image_shape, **run.attack_options)
   poison_key = jax.random.fold_in(jax.random.key(run.seed), 1)
@@ -83,47 +195,105 @@ def prepare(run: AttackRun) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSe
   return dataset, model, train, backdoor_test
 
 
-def attack(run: AttackRun, *, progress: bool = True) -> Backdoored:
-  """Trains a backdoored model as ``run`` describes."""
-  dataset, model, train, backdoor_test = prepare(run)
-  train_key = jax.random.fold_in(jax.random.key(run.seed), 2)
-  variables, _ = train_backdoored(model, train, Normalization(dataset.mean, dataset.std), run.train,
-                                  train_key, progress=progress, desc=f"attack {run.attack}")
+def attack(run: AttackRun, *, progress: bool = True, callback: EpochCallback | None = None,
+           restore: Restore | None = None) -> Backdoored:
+  """Trains a backdoored model as ``run`` describes.
+
+  ``callback(epoch, state, metrics)`` runs after every epoch (epoch counted from 0);
+  ``restore(fresh_state)`` may return a saved state to continue from (resume).
+  """
+  dataset, model, poisoned, backdoor_test = prepare(run)
+  variables, _ = train_backdoored(model, poisoned, Normalization(dataset.mean, dataset.std),
+                                  run.train, jax.random.fold_in(jax.random.key(run.seed), 2),
+                                  progress=progress, desc=f"attack {run.attack}", callback=callback,
+                                  restore=restore)
   return Backdoored(run, dataset, model, variables, backdoor_test)
 
 
-def save_attack(backdoored: Backdoored, run_dir: str) -> None:
-  measured = backdoored.baseline
-  checkpoint.save_run(run_dir, backdoored.variables, config={"attack": backdoored.run.to_json()},
-                      metrics=measured._asdict())
-
-
-def load_attack(run_dir: str) -> Backdoored:
-  """Rebuilds a saved attack run (data, trigger and model from its config, weights from orbax)."""
-  run = AttackRun.from_json(checkpoint.load_json(run_dir, "config.json")["attack"])
+def rebuild(run: AttackRun, variables_from: Callable[[Any], Any]) -> Backdoored:
+  """A backdoored model from its config, its weights from ``variables_from(like)``."""
   dataset, model, _, backdoor_test = prepare(run)
-  like = jax.eval_shape(lambda: init_variables(model, dataset.image_shape, jax.random.key(0)))
-  variables = checkpoint.load_variables(run_dir, like)
-  return Backdoored(run, dataset, model, variables, backdoor_test)
+  partial = Backdoored(run, dataset, model, None, backdoor_test)
+  partial.variables = variables_from(partial.like())
+  return partial
+
+
+@dataclasses.dataclass(frozen=True)
+class ReservedSplit:
+  """How the defender's data is drawn from the clean training set.
+
+  Attributes:
+    ratio: fraction of the clean training set reserved for the defender, in (0, 1].
+    holdout: fraction of the reserved set held out from training, for the per-epoch held-out
+      loss and accuracy that a defender may look at; 0 trains on the whole reserved set.
+    class_balanced: draw the same number of samples from every class.
+    seed: seeds the draw, the held-out split and the defense.
+  """
+  ratio: float = 0.05
+  holdout: float = 0.1
+  class_balanced: bool = False
+  seed: int = 0
+
+  def __post_init__(self) -> None:
+    check_field(_is_fraction(self.ratio) and self.ratio > 0, "reserved ratio", self.ratio,
+                "a fraction in (0, 1]")
+    check_field(_is_fraction(self.holdout) and self.holdout < 1, "holdout", self.holdout,
+                "a fraction in [0, 1)")
+    check_field(isinstance(self.class_balanced, bool), "class_balanced", self.class_balanced,
+                "True or False")
+    check_field(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
+
+  def draw(self, dataset: Dataset) -> tuple[tuple[np.ndarray, np.ndarray],
+                                             tuple[np.ndarray, np.ndarray] | None]:
+    """(train images, labels) and the held-out (images, labels), or None without a holdout."""
+    indices = draw_reserved(dataset.y_train, self.ratio, jax.random.key(self.seed),
+                            class_balanced=self.class_balanced)
+    if self.holdout == 0:
+      return (dataset.x_train[indices], dataset.y_train[indices]), None
+    kept, held = split_holdout(indices, self.holdout, jax.random.fold_in(jax.random.key(self.seed), 4))
+    return ((dataset.x_train[kept], dataset.y_train[kept]),
+            (dataset.x_train[held], dataset.y_train[held]))
 
 
 def reserved_set(dataset: Dataset, ratio: float, seed: int, class_balanced: bool = False
                  ) -> tuple[np.ndarray, np.ndarray]:
-  """The defender's clean data: a seeded draw of ``ratio`` of the clean training set (spec §1.5)."""
-  indices = draw_reserved(dataset.y_train, ratio, jax.random.key(seed), class_balanced=class_balanced)
-  return dataset.x_train[indices], dataset.y_train[indices]
+  """The defender's clean data: a seeded draw of ``ratio`` of the clean training set."""
+  return ReservedSplit(ratio, 0.0, class_balanced, seed).draw(dataset)[0]
+
+
+def check_reserved_shape(images: np.ndarray, backdoored: Backdoored) -> None:
+  """A reserved set must have the image shape the model was trained on."""
+  shape = tuple(np.shape(images)[1:])
+  check_field(shape == backdoored.dataset.image_shape, "reserved set image shape", shape,
+              f"the model's input shape {backdoored.dataset.image_shape}")
+
+
+def defend_model(backdoored: Backdoored, name: str, config: Any, images: np.ndarray,
+                 labels: np.ndarray, *, seed: int = 0, progress: bool = True,
+                 callback: EpochCallback | None = None, restore: Restore | None = None
+                 ) -> tuple[Any, dict]:
+  """Runs defense ``name`` on the reserved (images, labels); returns (variables, log)."""
+  check_reserved_shape(images, backdoored)
+  return defend(name, backdoored.model, backdoored.variables, images, labels,
+                normalization=backdoored.normalization, key=jax.random.fold_in(jax.random.key(seed), 3),
+                config=config, progress=progress, callback=callback, restore=restore)
 
 
 def defense_row(backdoored: Backdoored, name: str, config: Any = None, *, reserved_ratio: float = 0.05,
                 seed: int = 0, progress: bool = True) -> tuple[dict, Any, dict]:
   """Runs defense ``name`` and measures it: (table row, defended variables, defense log)."""
   images, labels = reserved_set(backdoored.dataset, reserved_ratio, seed)
-  variables, log = defend(name, backdoored.model, backdoored.variables, images, labels,
-                          normalization=backdoored.normalization,
-                          key=jax.random.fold_in(jax.random.key(seed), 3), config=config,
-                          progress=progress)
+  variables, log = defend_model(backdoored, name, config, images, labels, seed=seed,
+                                progress=progress)
   row = table_row(backdoored.run.attack, name, backdoored.measure(variables), backdoored.baseline)
   return row, variables, log
+
+
+def accuracy_on(backdoored: Backdoored, variables: Any, images: np.ndarray,
+                labels: np.ndarray) -> float:
+  """Eval-mode accuracy of ``variables`` on (images, labels)."""
+  predicted = predict(backdoored.model, variables, images, backdoored.normalization)
+  return metrics.accuracy(predicted, labels)
 
 
 def table_row(attack_name: str, defense_name: str, measured: metrics.BackdoorMetrics,

@@ -314,8 +314,8 @@ def train_epoch(program: Program, state: TrainState, images: jax.Array, labels: 
 
 def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,
         labels: np.ndarray | jax.Array, *, axes: TrainState | None = None, desc: str = "train",
-        progress: bool = True, callback: Callable[[int, TrainState, dict[str, np.ndarray]], None]
-        | None = None) -> tuple[TrainState, dict[str, np.ndarray]]:
+        progress: bool = True, callback: "EpochCallback | None" = None
+        ) -> tuple[TrainState, dict[str, np.ndarray]]:
   """Runs the remaining epochs of ``state`` (from ``step // steps_per_epoch`` to the recipe's
   epochs), one jitted ``lax.scan`` epoch per iteration, with a progress bar and a NaN check.
 
@@ -355,15 +355,24 @@ def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,
   return state, {name: np.stack(values) for name, values in history.items()}
 
 
+EpochCallback = Callable[[int, TrainState, dict[str, np.ndarray]], None]
+Restore = Callable[[TrainState], TrainState]
+
+
 def train(program: Program, variables: PyTree, images: np.ndarray | jax.Array,
           labels: np.ndarray | jax.Array, key: jax.Array, *, hparams: Hyperparams | None = None,
-          desc: str = "train", progress: bool = True,
-          callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None
-          ) -> tuple[PyTree, dict[str, np.ndarray]]:
+          desc: str = "train", progress: bool = True, callback: EpochCallback | None = None,
+          restore: Restore | None = None) -> tuple[PyTree, dict[str, np.ndarray]]:
   """A whole run from ``variables``: :func:`init_state` then :func:`fit`; returns the final
-  variables and the per-epoch metrics."""
+  variables and the per-epoch metrics of the epochs run.
+
+  ``restore(fresh_state)`` may return a saved state of the same run to continue from (resume);
+  the result equals the uninterrupted run's.
+  """
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   state = init_state(program, variables, images.shape[0], key, hparams)
+  if restore is not None:
+    state = restore(state)
   state, history = fit(program, state, images, labels, desc=desc, progress=progress,
                        callback=callback)
   return state.variables, history

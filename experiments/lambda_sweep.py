@@ -23,8 +23,6 @@ LAMBDAS = (0.5, 1.0, 2.0, 5.0, 10.0)
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default="experiments/results/lambda_sweep.md")
-  parser.add_argument("--vectorize", action=argparse.BooleanOptionalAction, default=None,
-                      help="one vmapped program (default on accelerators) or one run after another (CPU)")
   args = parser.parse_args()
   lines = ["| attack | λ | ACC | ASR | RA | DER |", "|---|---|---|---|---|---|"]
   timings = []
@@ -37,8 +35,7 @@ def main() -> None:
     start = time.perf_counter()
     defended, log = sweep("d3", backdoored.model, backdoored.variables, images, labels,
                           normalization=backdoored.normalization, key=jax.random.fold_in(jax.random.key(0), 3),
-                          grid={"lmd": LAMBDAS}, config=demo.DEFENSES["d3"], progress=False,
-                          vectorize=args.vectorize)
+                          grid={"lmd": LAMBDAS}, config=demo.DEFENSES["d3"], progress=False)
     timings.append(f"{attack_name}: {len(LAMBDAS)} runs in {time.perf_counter() - start:.0f} s")
     for lmd, variables in zip(log["hparams"]["lmd"], defended):
       after = backdoored.measure(variables)
@@ -50,7 +47,7 @@ def main() -> None:
   Path(args.out).write_text(
       "# D3 λ sweep on the demo's models (mnist5k, small CNN width 16, 5% reserved, batch 32)\n\n"
       "Command: `.venv/bin/python experiments/lambda_sweep.py` on the 2-core CPU; the λ of one attack "
-      f"trained by `d3jax.sweep` (vectorize={args.vectorize}; " + "; ".join(timings) + ").\n\n" + "\n".join(lines) + "\n")
+      f"trained by `d3jax.sweep` as one vmapped program (" + "; ".join(timings) + ").\n\n" + "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 

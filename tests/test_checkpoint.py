@@ -152,3 +152,56 @@ def test_relative_run_dir(tmp_path, monkeypatch):
   variables = _init(TinyNet())
   assert checkpoint.save_run("runs/a", variables, config={}) == tmp_path / "runs" / "a"
   _assert_trees_equal(checkpoint.load_variables("runs/a", variables), variables)
+
+
+def test_damaged_json_and_checkpoint_name_the_file(tmp_path):
+  checkpoint.save_run(tmp_path, _init(TinyNet()), config={"a": 1})
+  (tmp_path / "config.json").write_text('{"a": ')
+  with pytest.raises(ValueError, match=r"config.json is not valid JSON \(.*\); the file is damaged."):
+    checkpoint.load_json(tmp_path, "config.json")
+  for path in (tmp_path / "variables").rglob("*"):
+    if path.is_file():
+      path.write_bytes(b"garbage")
+  with pytest.raises(ValueError, match=r"checkpoint at .*variables cannot be read .* damaged"):
+    checkpoint.load_variables(tmp_path, _init(TinyNet()))
+
+
+def test_finish_run_renames_into_place_with_a_manifest(tmp_path):
+  out = checkpoint.check_out(tmp_path / "run")
+  stage = checkpoint.begin_run(out)
+  assert stage == tmp_path / ".run.partial" and not out.exists()
+  checkpoint.save_run(stage, _init(TinyNet()), config={"a": 1}, metrics={"acc": 0.5})
+  (stage / "checkpoints").mkdir()
+  checkpoint.finish_run(stage, out)
+  assert not stage.exists() and not (out / "checkpoints").exists()
+  manifest = json.loads((out / "manifest.json").read_text())["sha256"]
+  assert {"config.json", "metrics.json"} <= set(manifest)
+  assert any(name.startswith("variables/") for name in manifest)
+  assert checkpoint.verify_run(out) == out
+  with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+    checkpoint.check_out(out)
+  assert checkpoint.check_out(out, overwrite=True) == out
+  (out / "variables" / "extra").write_text("x")
+  with pytest.raises(ValueError, match="was modified: variables/extra is not in its manifest."):
+    checkpoint.verify_run(out)
+
+
+def test_epoch_checkpoints_round_trip_typed_keys_and_keep_the_last(tmp_path):
+  state = {"params": _init(TinyNet())["params"], "step": jnp.int32(0),
+           "key": jax.random.key(3, impl="rbg")}
+  with checkpoint.EpochCheckpoints(tmp_path / "ckpt", keep=2) as epochs:
+    assert epochs.latest() is None
+    with pytest.raises(FileNotFoundError, match="no epoch checkpoint"):
+      epochs.restore(state)
+    for epoch in (1, 2, 3):
+      epochs.save(epoch, {**state, "step": jnp.int32(epoch),
+                          "key": jax.random.fold_in(state["key"], epoch)})
+    assert epochs.latest() == 3
+  assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["2", "3"]
+  with checkpoint.EpochCheckpoints(tmp_path / "ckpt") as epochs:
+    restored = epochs.restore(state)
+  assert int(restored["step"]) == 3
+  assert jax.random.key_impl(restored["key"]) == jax.random.key_impl(state["key"])
+  np.testing.assert_array_equal(jax.random.key_data(restored["key"]),
+                                jax.random.key_data(jax.random.fold_in(state["key"], 3)))
+  _assert_trees_equal(restored["params"], state["params"])

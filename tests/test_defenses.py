@@ -289,7 +289,7 @@ def test_defend_threat_model_signature():
   """defend takes the model and the reserved set only: no test data, trigger or target."""
   params = inspect.signature(defend).parameters
   assert list(params) == ["name", "model", "variables", "images", "labels", "normalization",
-                          "key", "config", "progress", "callback"]
+                          "key", "config", "progress", "callback", "restore"]
   forbidden = ("test", "trigger", "target", "poison", "backdoor", "bd", "attack")
   assert not [p for p in params if any(word in p.lower() for word in forbidden)]
 

@@ -692,3 +692,53 @@ def test_clean_hinge_mask_ignores_nonfinite_padding():
   losses = jnp.asarray([0.05, 0.3, jnp.inf, 1.0])
   mask = jnp.asarray([True, True, False, True])
   assert float(clean_hinge(losses, 0.1, mask)) == pytest.approx((0.0 + 0.2 + 0.9) / 3, rel=1e-6)
+
+
+def test_nnx_state_gets_a_clear_error():
+  """A flax.nnx State (Variable wrappers as leaves) is refused with a message that says to pass
+  nnx.to_pure_dict(...); the pure dict works."""
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.head = nnx.Linear(4, 3, rngs=rngs)
+
+  state = nnx.state(Net(nnx.Rngs(0)), nnx.Param)
+  with pytest.raises(ValueError, match="to_pure_dict"):
+    d3(state, "head/kernel", 0.1)
+  with pytest.raises(ValueError, match="to_pure_dict"):
+    d3(None, "head/kernel", 0.1).init(state)
+  pure = nnx.to_pure_dict(state)
+  tx = d3(None, "head/kernel", 0.1)
+  updates, _ = tx.update(jax.tree.map(jnp.ones_like, pure), tx.init(pure), pure)
+  assert jax.tree.structure(updates) == jax.tree.structure(pure)
+
+
+def test_reference_lives_in_the_state_and_can_differ_per_run():
+  """d3(None, ...) takes its reference from init's params, equals d3(reference, ...), keeps only
+  the selected tensors, and a vmap over states with different references runs each alone."""
+  reference = make_mlp(0)
+  params = perturb(reference, 1)
+  grad = perturb(jax.tree.map(jnp.zeros_like, reference), 2)
+  implicit = d3(None, "head/kernel", 0.1)
+  explicit = d3(reference, "head/kernel", 0.1)
+  state = implicit.init(reference)
+  assert state[0].reference["dense"]["kernel"] is None
+  a, _ = implicit.update(grad, state, params)
+  b, _ = explicit.update(grad, explicit.init(params), params)
+  assert_tree_close(a, b, rtol=0, atol=0)
+  references = [make_mlp(0), make_mlp(5)]
+  states = jax.tree.map(lambda *x: jnp.stack(x), *[implicit.init(r) for r in references])
+  batched, _ = jax.vmap(implicit.update, in_axes=(None, 0, None))(grad, states, params)
+  for i, r in enumerate(references):
+    alone, _ = implicit.update(grad, implicit.init(r), params)
+    assert_tree_close(jax.tree.map(lambda x: x[i], batched), alone, rtol=1e-6, atol=1e-7)
+
+
+def test_reference_with_other_shapes_is_refused():
+  """A reference of another model (other structure or shapes) is one ValueError."""
+  with pytest.raises(ValueError, match="structure"):
+    d3({"head": {"kernel": jnp.ones((4, 3))}}, "head/kernel", 0.1).init(make_mlp(0))
+  wrong = make_mlp(0, dh=5)
+  with pytest.raises(ValueError, match="shape"):
+    d3(wrong, "head/kernel", 0.1).init(make_mlp(0))

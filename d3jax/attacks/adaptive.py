@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d3jax.attacks.sam import adaptive_sam
+from d3jax.optim.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.attacks.triggers import LABEL_MODES, ImageShape, Trigger
 from d3jax.train import Batch, Hyperparams, Program, TrainState
@@ -18,7 +18,7 @@ from d3jax.train import Batch, Hyperparams, Program, TrainState
 
 @dataclasses.dataclass(frozen=True)
 class SAMTraining(AttackTrainConfig):
-  """BackdoorBench's backdoor-training recipe with ASAM (:func:`d3jax.attacks.sam.adaptive_sam`)
+  """BackdoorBench's backdoor-training recipe with ASAM (:func:`d3jax.optim.sam.adaptive_sam`)
   around its SGD. ``rho`` is a hyperparameter (an array in the state: sweepable); the D3 paper
   uses budgets 1, 2 and 3."""
   rho: float = 1.0

@@ -20,7 +20,7 @@ from d3jax.attacks.clean import CleanModel
 from d3jax.attacks.poison import PoisonedSet
 from d3jax.attacks.triggers import Trigger
 from d3jax.data.dataset import Dataset
-from d3jax.train import Normalization, Program, SGDConfig, init_variables, train
+from d3jax.train import EpochCallback, Normalization, Program, Restore, SGDConfig, init_variables, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,11 @@ def build_trigger(attack: Any, dataset: Dataset, *, model: nn.Module, normalizat
 
 def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Normalization,
                      config: AttackTrainConfig, key: jax.Array, *, variables: Any = None,
-                     progress: bool = True, desc: str = "attack") -> tuple[Any, dict[str, np.ndarray]]:
+                     progress: bool = True, desc: str = "attack", callback: EpochCallback | None = None,
+                     restore: Restore | None = None) -> tuple[Any, dict[str, np.ndarray]]:
   """Trains ``model`` (from fresh variables unless given) on the poisoned set.
 
+  ``callback`` and ``restore`` are those of :func:`d3jax.train.train` (per-epoch hook, resume).
   Returns the final variables and the per-epoch metrics (``"loss"``: mean training loss).
   """
   init_key, train_key = jax.random.split(key)
@@ -67,4 +69,4 @@ def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Nor
     variables = init_variables(model, poisoned.x.shape[1:], init_key)
 
   return train(Program(model, config, normalization), variables, poisoned.x, poisoned.y, train_key,
-               desc=desc, progress=progress)
+               desc=desc, progress=progress, callback=callback, restore=restore)

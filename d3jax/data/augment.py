@@ -1,5 +1,5 @@
-"""Jittable batch augmentation and normalization (spec §1.3; DESIGN.md "augmentation runs inside
-the step").
+"""Jittable batch augmentation and normalization (BackdoorBench's train transform: random
+crop, then an optional flip, after the trigger; they run inside the training step).
 
 Every function is pure, takes a batch (B, H, W, C) of uint8 or float images, and draws all
 per-sample randomness from one ``jax.random`` key. ``padding``, ``crop_padding`` and ``flip``
@@ -64,7 +64,7 @@ def random_flip(images: jax.Array, key: jax.Array, p: float | jax.Array = 0.5) -
 
 def augment(images: jax.Array, key: jax.Array, *, crop_padding: int = 4,
             flip: bool = False) -> jax.Array:
-  """The train-time augmentation of spec §1.3: random crop, then (optionally) random flip.
+  """BackdoorBench's train-time augmentation: random crop, then (optionally) random flip.
 
   ``crop_padding=0`` disables the crop; ``flip=True`` is BackdoorBench's CIFAR-10 setting.
   The key is always split in two, so turning the flip on or off leaves the crops unchanged.
@@ -78,6 +78,6 @@ def augment(images: jax.Array, key: jax.Array, *, crop_padding: int = 4,
 
 def normalize(images: jax.Array, mean: Sequence[float] | jax.Array,
               std: Sequence[float] | jax.Array) -> jax.Array:
-  """``(x / 255 - mean) / std`` per channel, as float32 (ToTensor + Normalize, spec §1.2)."""
+  """``(x / 255 - mean) / std`` per channel, as float32 (torchvision ToTensor then Normalize)."""
   x = jnp.asarray(images, jnp.float32) / 255.0
   return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

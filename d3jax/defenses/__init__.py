@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,7 +20,7 @@ import numpy as np
 from d3jax.data.dataset import validate_images, validate_labels
 from d3jax.defenses.d3 import D3Config
 from d3jax.defenses.ft import FTConfig
-from d3jax.train import Normalization, Program, TrainState, init_state, fit
+from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config}
 
@@ -80,12 +80,13 @@ def check_reserved(model: nn.Module, variables: Any, images: np.ndarray, labels:
 
 def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray, *,
            normalization: Normalization, key: jax.Array, config: Any = None, progress: bool = True,
-           callback: Callable[[int, TrainState, dict[str, np.ndarray]], None] | None = None
+           callback: EpochCallback | None = None, restore: Restore | None = None
            ) -> tuple[Any, dict[str, Any]]:
   """Runs defense ``name`` on the reserved set (images uint8 NHWC, true labels).
 
   Compiles once per (defense config, model, data shapes): a second call with the same settings
-  reuses the compiled code. ``callback(epoch, state, metrics)`` runs after every epoch.
+  reuses the compiled code. ``callback(epoch, state, metrics)`` runs after every epoch;
+  ``restore(fresh_state)`` may return a saved state of this run to continue from (resume).
 
   Returns the defended variables and a log: per-epoch training losses, the wall time, and the
   config used.
@@ -93,12 +94,11 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   defense = program(name, model, normalization, config)
   images, labels = check_reserved(model, variables, images, labels)
   start = time.perf_counter()
-  state = init_state(defense, variables, images.shape[0], key)
-  state, history = fit(defense, state, images, labels, desc=name, progress=progress,
-                       callback=callback)
-  log = {"defense": name, "losses": history["loss"].tolist(),
+  variables, history = train(defense, variables, images, labels, key, desc=name, progress=progress,
+                             callback=callback, restore=restore)
+  log = {"defense": name, "losses": history.get("loss", np.zeros(0)).tolist(),
          "wall_time_s": time.perf_counter() - start, "config": defense.recipe}
-  return state.variables, log
+  return variables, log
 
 
 __all__ = ["D3Config", "FTConfig", "REGISTRY", "check_reserved", "defend", "get", "names", "program",

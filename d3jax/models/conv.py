@@ -102,3 +102,14 @@ class Conv(nn.Module):
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,))
     return y
+
+
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+  """2×2 max pooling with stride 2 on NHWC (PyTorch ``MaxPool2d(2)``: odd trailing rows and
+  columns are dropped), as a reshape and a max over the window axes. Same values as
+  ``nn.max_pool(x, (2, 2), strides=(2, 2))``; on XLA:CPU its gradient avoids the slow
+  select-and-scatter of ``reduce_window``. Where a window's maximum is tied, the gradient is
+  shared among the tied entries instead of going to one of them."""
+  n, h, w, c = x.shape
+  x = x[:, :h - h % 2, :w - w % 2, :]
+  return jnp.max(x.reshape(n, h // 2, 2, w // 2, 2, c), axis=(2, 4))

@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from d3jax.models.conv import max_pool_2x2
 from d3jax.models.preact_resnet import (batch_norm, check_images, conv3x3, kaiming_uniform,
                                         linear_bias_init)
 
@@ -41,7 +42,7 @@ class SmallCNN(nn.Module):
       x = conv3x3(channels, 1, f"conv{index}", self.conv)(x)
       x = nn.relu(batch_norm(train, f"bn{index}")(x))
       if index % 2 == 0:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, kernel_init=kaiming_uniform,
                     bias_init=linear_bias_init(x.shape[-1]), name="linear")(x)

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3jax.models import preact_resnet
-from d3jax.models.conv import Conv
+from d3jax.models.conv import Conv, max_pool_2x2
 
 # Conv channels as multiples of width (width 64 ⇒ 64, 128, 256, 512); "M" = 2×2 max pool.
 _CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -80,7 +80,7 @@ class VGG(nn.Module):
     index = 0
     for entry in _CONFIGS[self.depth]:
       if entry == "M":
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         continue
       index += 1
       x = Conv(entry * self.width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,

@@ -37,9 +37,15 @@ def select_mask(tree: PyTree, select: Selection) -> PyTree:
   """Resolves ``select`` against ``tree`` into a pytree of Python booleans.
 
   Raises:
-    ValueError: a regex that matches no path (the message lists the paths there are), or a
-      boolean pytree whose structure differs from ``tree``, or a selection of nothing.
+    ValueError: a regex that matches no path (the message lists the paths there are), a
+      boolean pytree whose structure differs from ``tree``, a selection of nothing, or a
+      ``flax.nnx`` State (whose leaves are Variable wrappers, not arrays).
   """
+  if type(tree).__module__.startswith("flax.nnx"):
+    raise ValueError(
+        "got a flax.nnx State; pass plain arrays instead: nnx.to_pure_dict(nnx.state(model, "
+        "nnx.Param)) as params and reference, and write results back with "
+        "nnx.replace_by_pure_dict.")
   if isinstance(select, str):
     try:
       pattern = re.compile(select)

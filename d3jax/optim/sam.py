@@ -12,7 +12,7 @@ Like ``optax.contrib.sam`` without its opaque mode, the transformation alternate
 every two updates moves the params to w + e (the ascent), the second returns them to w and takes
 the base optimizer's step with the gradient it is given (now taken at w + e). The caller computes
 the two gradients on the same batch; :class:`d3jax.attacks.adaptive.SAMProgram` does that on the
-training engine. ``rho`` may be a traced array (a swept hyperparameter).
+training engine (the adaptive attack of the D3 paper's Table 5, and FT-SAM). ``rho`` may be a traced array (a swept hyperparameter).
 """
 from __future__ import annotations
 

@@ -1,14 +1,17 @@
 """ASAM as an optax transformation, and the adaptive attack's recipe and program."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from d3jax import attacks
-from d3jax.attacks.adaptive import SAMTraining
-from d3jax.attacks.sam import adaptive_sam
+from d3jax.attacks.adaptive import SAMProgram, SAMTraining
+from d3jax.optim.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
+from d3jax.models import get_model
+from d3jax.train import Normalization
 
 
 def test_asam_ascent_and_descent_formulas():
@@ -42,7 +45,7 @@ def test_asam_weight_decay_sees_the_restored_params():
   np.testing.assert_allclose(final["w"], [2.0 - 0.5 * 2.0], rtol=1e-6)  # decay of w = 2, not w + e
 
 
-def test_adaptive_attack_config_and_recipe():
+def test_adaptive_attack_config_and_program(rbg_key):
   config = attacks.get("adaptive", base="blended", rho=3.0)
   assert config.kind == "training" and config.rho == 3.0
   assert attacks.get("adaptive").trigger((8, 8, 1)).name == "badnets"
@@ -54,3 +57,20 @@ def test_adaptive_attack_config_and_recipe():
   assert float(recipe.hyperparams()["rho"]) == 3.0
   with pytest.raises(ValueError, match="rho must be > 0"):
     SAMTraining(rho=0.0)
+  # One SAM step moves the params, advances the step count once, and keeps the first pass's BN stats.
+  model = get_model("small_cnn", 4, width=4)
+  program = SAMProgram(model, recipe, Normalization((0.5,), (0.5,)))
+  from d3jax import train  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
+  labels = (np.arange(8) % 4).astype(np.int32)
+  variables = train.init_variables(model, (8, 8, 1), rbg_key)
+  state = train.init_state(program, variables, 8, rbg_key)
+  batch = train.Batch(jnp.asarray(images), jnp.asarray(labels), jnp.ones(8, bool))
+  after, metrics = jax.jit(program.step)(state, batch)
+  plain, plain_metrics = jax.jit(super(SAMProgram, program).step)(state, batch)
+  assert int(after.step) == 1 and bool(after.opt_state.descend) is False
+  np.testing.assert_allclose(metrics["loss"], plain_metrics["loss"], rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), after.batch_stats, plain.batch_stats)
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), after.params, state.params)
+  assert max(jax.tree.leaves(moved)) > 0

@@ -1,0 +1,267 @@
+"""Attack and defense run directories: built atomically, with per-epoch curves, loadable alone.
+
+A run directory holds ``config.json`` (the full attack config, the model spec and the dataset
+spec, and for a defense its config and reserved-set draw), ``metrics.json`` (the table row and
+any warnings), ``metrics.csv`` and ``curves.png`` (per epoch), ``log.txt``, the orbax checkpoint
+``variables/`` and ``manifest.json``. A defense run embeds what it needs from its attack run,
+so it loads on its own, and it stores no path: run directories can be moved.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import optax
+
+from d3jax import checkpoint, curves
+from d3jax.metrics import BackdoorMetrics
+from d3jax import pipeline
+from d3jax.pipeline import (AttackRun, Backdoored, ReservedSplit, accuracy_on, dataset_spec,
+                            model_spec, prepare, rebuild, table_row)
+from d3jax.train import TrainState, predict_logits
+
+LOG = logging.getLogger("d3jax")
+KINDS = ("attack", "defense")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+  """What a run records while it trains.
+
+  Attributes:
+    eval_every: measure ACC/ASR/RA on the test sets every this many epochs (and after the
+      last); 0 measures only the final model. For evaluation only: never used by training.
+    progress: show progress bars.
+  """
+  eval_every: int = 1
+  progress: bool = True
+
+  def __post_init__(self) -> None:
+    if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
+      raise ValueError(f"eval_every must be an integer ≥ 0 (0: final model only), got "
+                       f"{self.eval_every!r}.")
+
+
+class Recorder:
+  """The per-epoch callback of a run: one ``metrics.csv`` row, one log line and one training-state
+  checkpoint (for ``--resume``) per epoch, in that order."""
+
+  def __init__(self, stage: Path, backdoored: Backdoored, epochs: int, tracking: Tracking,
+               heldout: tuple[np.ndarray, np.ndarray] | None = None):
+    self.csv = stage / "metrics.csv"
+    self.backdoored, self.epochs, self.tracking, self.heldout = backdoored, epochs, tracking, heldout
+    self.checkpoints = checkpoint.EpochCheckpoints(stage / "checkpoints")
+    self.start = time.perf_counter()
+
+  def restore(self, fresh: TrainState) -> TrainState:
+    """The state after the last checkpointed epoch (``fresh`` when there is none); CSV rows of
+    later epochs, written before the run was killed, are dropped."""
+    latest = self.checkpoints.latest()
+    if latest is None:
+      curves.keep_epochs(self.csv, 0)
+      return fresh
+    curves.keep_epochs(self.csv, latest)
+    LOG.info("resuming after epoch %d/%d", latest, self.epochs)
+    return self.checkpoints.restore(fresh, latest)
+
+  def close(self) -> None:
+    self.checkpoints.close()
+
+  def __call__(self, epoch: int, state: TrainState, metrics: dict[str, np.ndarray]) -> None:
+    done = epoch + 1
+    variables = state.variables
+    row: dict[str, Any] = {"epoch": done, "train_loss": float(np.mean(metrics["loss"])),
+                           "wall_s": round(time.perf_counter() - self.start, 3)}
+    if self.heldout is not None:
+      images, labels = self.heldout
+      logits = predict_logits(self.backdoored.model, variables, images,
+                              self.backdoored.normalization)
+      row["heldout_loss"] = float(np.mean(
+          optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
+      row["heldout_acc"] = float(np.mean(logits.argmax(-1) == labels))
+    every = self.tracking.eval_every
+    if done == self.epochs or (every and done % every == 0):
+      row.update(self.backdoored.measure(variables)._asdict())
+    curves.append_row(self.csv, row)
+    LOG.info("epoch %d/%d  %s", done, self.epochs, "  ".join(
+        f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "wall_s")))
+    self.checkpoints.save(done, state)
+
+  def warnings(self, accuracy_on_training_data: float, what: str) -> list[str]:
+    """Divergence warnings from the recorded losses and the final training accuracy."""
+    losses = [r["train_loss"] for r in curves.read_rows(self.csv)]
+    found = [curves.loss_diverged(losses),
+             curves.at_chance(accuracy_on_training_data, self.backdoored.dataset.num_classes, what)]
+    for warning in filter(None, found):
+      LOG.warning("warning: %s", warning)
+    return [w for w in found if w]
+
+
+class RunWriter:
+  """Builds a run in its staging directory and renames it into place when complete.
+
+  The output is checked on construction, before any work: an existing ``out`` is refused
+  unless ``overwrite``, and an input run is never replaced.
+  """
+
+  def __init__(self, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+               inputs: Sequence[str | Path] = ()):
+    self.out = checkpoint.check_out(out, overwrite=overwrite, resume=resume, inputs=inputs)
+    self.resume = resume
+    self.stage: Path | None = None
+    self._handler: logging.Handler | None = None
+
+  def __enter__(self) -> "RunWriter":
+    self.stage = checkpoint.begin_run(self.out, resume=self.resume)
+    self._handler = logging.FileHandler(self.stage / "log.txt")
+    self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    LOG.addHandler(self._handler)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    LOG.removeHandler(self._handler)
+    self._handler.close()
+
+  def start(self, config: dict) -> None:
+    """Writes ``config.json``; when resuming, checks it equals the interrupted run's."""
+    path = self.stage / "config.json"
+    if self.resume:
+      stored = checkpoint.load_json(self.stage, "config.json")
+      if stored != json.loads(json.dumps(checkpoint.to_json(config, "config"))):
+        raise ValueError(f"--resume: the settings differ from those of the interrupted run of "
+                         f"{self.out} ({path}); resume with the same settings or start afresh.")
+      return
+    checkpoint.save_json(path, config)
+
+  def finish(self, variables: Any, metrics: dict, title: str) -> Path:
+    checkpoint.save_run(self.stage, variables, config=checkpoint.load_json(self.stage, "config.json"),
+                        metrics=metrics)
+    curves.plot(self.stage / "metrics.csv", self.stage / "curves.png", title)
+    LOG.removeHandler(self._handler)
+    self._handler.close()
+    return checkpoint.finish_run(self.stage, self.out)
+
+
+def attack_config(run: AttackRun, backdoored: Backdoored) -> dict:
+  return {"kind": "attack", "attack": run.to_json(),
+          "model": model_spec(run, backdoored.dataset),
+          "dataset": dataset_spec(run, backdoored.dataset)}
+
+
+@dataclasses.dataclass
+class LoadedRun:
+  """A run directory read back: its config, metrics and model (with the data to measure it)."""
+  path: Path
+  config: dict
+  metrics: dict
+  backdoored: Backdoored  # .variables holds the run's own variables (defended, for a defense)
+
+  @property
+  def kind(self) -> str:
+    return self.config["kind"]
+
+  def measure(self) -> dict:
+    """Re-measures the run's model: its table row."""
+    measured = self.backdoored.measure(self.backdoored.variables)
+    run = self.backdoored.run
+    if self.kind == "attack":
+      return table_row(run.attack, "none", measured)
+    before = BackdoorMetrics(**self.config["baseline"])
+    return table_row(run.attack, self.config["defense"]["name"], measured, before)
+
+
+def load(run_dir: str | Path) -> LoadedRun:
+  """Reads a finished run after checking its manifest and that its dataset is unchanged.
+
+  Raises:
+    FileNotFoundError: no such directory.
+    ValueError: the run is unfinished, damaged or edited, its dataset changed, or its config
+      is not one d3jax writes.
+  """
+  path = checkpoint.verify_run(run_dir)
+  config = checkpoint.load_json(path, "config.json")
+  if not isinstance(config, dict) or config.get("kind") not in KINDS:
+    raise ValueError(f"{path / 'config.json'} has no 'kind' of {KINDS}; it was not written by "
+                     "d3jax attack or defend.")
+  run = AttackRun.from_json(config.get("attack"))
+  backdoored = rebuild(run, lambda like: checkpoint.load_variables(path, like))
+  spec = dataset_spec(run, backdoored.dataset)
+  if spec != config.get("dataset"):
+    changed = [k for k in spec if spec[k] != (config.get("dataset") or {}).get(k)]
+    raise ValueError(f"the dataset of run {run_dir} ({run.dataset}) differs from the one it was "
+                     f"made with ({', '.join(changed)} changed); restore the original data.")
+  return LoadedRun(path, config, checkpoint.load_json(path, "metrics.json"), backdoored)
+
+
+def training_accuracy(backdoored: Backdoored, variables: Any, images: np.ndarray,
+                      labels: np.ndarray) -> float:
+  """Accuracy on (at most 2,000 of) the images the model was trained on, for the chance check."""
+  return accuracy_on(backdoored, variables, images[:2000], labels[:2000])
+
+
+def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False, resume: bool = False,
+                 tracking: Tracking = Tracking()) -> tuple[LoadedRun, dict]:
+  """Trains the attack ``run`` into the run directory ``out``; returns it and its table row.
+
+  With ``resume``, continues the interrupted run of ``out`` after its last finished epoch.
+  """
+  writer = RunWriter(out, overwrite=overwrite, resume=resume)
+  start = time.perf_counter()
+  dataset, model, poisoned, backdoor_test = prepare(run)  # bad data fails here, before any write
+  with writer:
+    shell = Backdoored(run, dataset, model, None, backdoor_test)
+    writer.start(attack_config(run, shell))
+    recorder = Recorder(writer.stage, shell, run.train.epochs, tracking)
+    try:
+      backdoored = pipeline.attack(run, progress=tracking.progress, callback=recorder,
+                                   restore=recorder.restore)
+    finally:
+      recorder.close()
+    warnings = recorder.warnings(
+        training_accuracy(backdoored, backdoored.variables, poisoned.x, poisoned.y),
+        "its poisoned training set")
+    row = table_row(run.attack, "none", backdoored.baseline)
+    metrics = {**row, "warnings": warnings, "wall_time_s": time.perf_counter() - start}
+    path = writer.finish(backdoored.variables, metrics, f"attack {run.attack}")
+  return LoadedRun(path, checkpoint.load_json(path, "config.json"), metrics, backdoored), row
+
+
+def write_defense(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
+                  out: str | Path, *, overwrite: bool = False, resume: bool = False,
+                  tracking: Tracking = Tracking()) -> tuple[Path, list[dict]]:
+  """Defends the attack run ``source`` with defense ``name`` into ``out``.
+
+  With ``resume``, continues the interrupted run of ``out`` after its last finished epoch.
+  Returns the run path and the table rows before and after the defense.
+  """
+  if source.kind != "attack":
+    raise ValueError(f"--attack-run {source.path} is a {source.kind} run; pass a run written by "
+                     "`d3jax attack`.")
+  writer = RunWriter(out, overwrite=overwrite, resume=resume, inputs=[source.path])
+  start = time.perf_counter()
+  backdoored = source.backdoored
+  (images, labels), heldout = split.draw(backdoored.dataset)
+  with writer:
+    before = table_row(backdoored.run.attack, "none", backdoored.baseline)
+    writer.start({**{k: source.config[k] for k in ("attack", "model", "dataset")},
+                  "kind": "defense", "defense": {"name": name, "config": dataclasses.asdict(config)},
+                  "reserved": dataclasses.asdict(split),
+                  "baseline": backdoored.baseline._asdict()})
+    recorder = Recorder(writer.stage, backdoored, config.epochs, tracking, heldout)
+    try:
+      variables, _ = pipeline.defend_model(backdoored, name, config, images, labels,
+                                           seed=split.seed, progress=tracking.progress,
+                                           callback=recorder, restore=recorder.restore)
+    finally:
+      recorder.close()
+    warnings = recorder.warnings(training_accuracy(backdoored, variables, images, labels),
+                                 "its reserved training data")
+    row = table_row(backdoored.run.attack, name, backdoored.measure(variables), backdoored.baseline)
+    metrics = {**row, "warnings": warnings, "wall_time_s": time.perf_counter() - start}
+    path = writer.finish(variables, metrics, f"{backdoored.run.attack} → {name}")
+  return path, [before, row]
