@@ -1,5 +1,5 @@
 """Every attack, end to end on the embedded digits (16×16×1) with a width-8 small CNN: poison,
-train a few epochs, and check the backdoor is learned (ASR well above the 10% of chance)."""
+train a few epochs, and check the backdoor is learned (ASR at least five times the 10% of chance)."""
 import numpy as np
 import pytest
 
@@ -56,7 +56,7 @@ def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_mod
   measured = {trigger.name: _measure(setting, variables, digits, backdoor_test_set(
       digits.x_test, digits.y_test, trigger, target=target, num_classes=digits.num_classes))
               for trigger, target in pairs}
-  assert all(m.asr >= 0.6 and m.acc >= 0.8 for m in measured.values()), measured
+  assert all(m.asr >= 0.5 and m.acc >= 0.8 for m in measured.values()), measured  # chance: 0.1
 
 
 def test_wanet_training_with_noise_mode(setting, digits, rbg_key):

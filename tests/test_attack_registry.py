@@ -70,4 +70,6 @@ def test_get_trigger_builds_static_triggers():
   assert attacks.get_trigger("SIG", (16, 16, 3), delta=10).delta == 10.0
   assert attacks.get_trigger("badnets", (16, 16, 3)).size == 2
   assert attacks.get_trigger("badnets", (16, 16, 3), size=4).size == 4
-  assert np.asarray(attacks.get_trigger("wanet", (16, 16, 3))(x)).shape == x.shape
+  assert np.asarray(attacks.get("wanet").trigger((16, 16, 3))(x)).shape == x.shape
+  with pytest.raises(ValueError, match="'wanet' controls its own training.*attacks: badnets, blended, sig, lf"):
+    attacks.get_trigger("wanet", (16, 16, 3))

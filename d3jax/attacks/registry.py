@@ -136,6 +136,13 @@ def get(name: str, **config: Any) -> Any:
 
 
 def get_trigger(name: str, image_shape: ImageShape, **options: Any) -> Trigger:
-  """The pixel-space trigger of attack ``name`` for images of ``image_shape`` (an attack that
-  needs a clean model raises; build it with ``get(name).trigger(..., clean=...)``)."""
-  return get(name, **options).trigger(image_shape)
+  """The trigger of data-poisoning attack ``name`` for images of ``image_shape``, for
+  :func:`d3jax.attacks.poison` (an attack that crafts on a clean model raises; build it with
+  :func:`d3jax.attacks.training.build_trigger`)."""
+  attack = get(name, **options)
+  if attack.kind != "poison":
+    raise ValueError(
+        f"attack {attack.name!r} controls its own training, so poisoning a dataset with its trigger "
+        f"is not that attack; data-poisoning attacks: "
+        f"{', '.join(n for n in names() if get(n).kind == 'poison')}.")
+  return attack.trigger(image_shape)
