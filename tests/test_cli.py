@@ -452,3 +452,13 @@ def test_resume_needs_an_interrupted_run_and_the_same_settings(attack_run, tmp_p
   message = fail(["defend", "--attack-run", str(attack_run), "--out", str(out), "--resume", "d3",
                   *TINY_DEFENSE], capsys)
   assert "settings differ" in message
+
+
+def test_an_absurd_learning_rate_is_one_line_not_garbage(attack_run, tmp_path, capsys):
+  """FT at learning rate 1e6 diverges: one line naming the epoch, exit 2, and no run directory."""
+  out = tmp_path / "diverged"
+  message = fail(["defend", "--attack-run", str(attack_run), "--out", str(out), "--eval-every", "0",
+                  "ft", "--learning-rate", "1e6", "--epochs", "3", "--batch-size", "32",
+                  "--reserved.ratio", "0.1", "--quiet"], capsys)
+  assert "loss became nan in epoch" in message and "lower the learning rate" in message
+  assert not out.exists()
