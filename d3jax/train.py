@@ -153,11 +153,26 @@ def join_variables(params: PyTree, batch_stats: PyTree) -> dict[str, PyTree]:
   return {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
 
 
-def check_schedule(epochs: int, batch_size: int) -> None:
-  """Raises ValueError unless epochs and batch_size are integers ≥ 1."""
-  for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}.")
+def check_positive_int(name: str, value: Any) -> None:
+  """Raises ``ValueError`` naming ``name`` unless ``value`` is an integer ≥ 1."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}.")
+
+
+def check_recipe_fields(recipe: Any, nonnegative: tuple[str, ...]) -> None:
+  """The checks every SGD-style recipe shares: ``epochs`` and ``batch_size`` integers ≥ 1, the
+  ``nonnegative`` fields ≥ 0 (NaN fails too), ``momentum`` in [0, 1), ``crop_padding`` ≥ 0.
+  Each failure is one ``ValueError`` naming the field, the value and what is allowed."""
+  check_positive_int("epochs", recipe.epochs)
+  check_positive_int("batch_size", recipe.batch_size)
+  for name in nonnegative:
+    if not getattr(recipe, name) >= 0:
+      raise ValueError(f"{name} must be ≥ 0, got {getattr(recipe, name)!r}.")
+  if not 0 <= recipe.momentum < 1:
+    raise ValueError(f"momentum must be in [0, 1), got {recipe.momentum!r}.")
+  if isinstance(recipe.crop_padding, bool) or not isinstance(recipe.crop_padding, int) \
+      or recipe.crop_padding < 0:
+    raise ValueError(f"crop_padding must be an integer ≥ 0, got {recipe.crop_padding!r}.")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -309,7 +324,14 @@ def train_epoch(program: Program, state: TrainState, images: jax.Array, labels: 
   reuse donated buffers, so there the state is not donated.
   """
   epoch_fn = _epoch if jax.default_backend() == "cpu" else _epoch_donated
-  return epoch_fn(program, axes, state, images, labels)
+  if axes is None:
+    return epoch_fn(program, axes, state, images, labels)
+  # A grid keeps the layout it was given (d3jax.sweep.shard_grid): without this, XLA may return
+  # an equivalent but differently written sharding (e.g. replicated on a one-device mesh), and the
+  # next epoch would compile again for it.
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
+  state, metrics = epoch_fn(program, axes, state, images, labels)
+  return jax.device_put(state, shardings), metrics
 
 
 def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,
@@ -399,15 +421,8 @@ class SGDConfig:
   train_mode: bool = True
 
   def __post_init__(self) -> None:
-    check_schedule(self.epochs, self.batch_size)
-    check_schedule(self.cosine_t_max, 1)
-    for name in ("learning_rate", "weight_decay"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
-    if not 0 <= self.momentum < 1:
-      raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-    if self.crop_padding < 0:
-      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
+    check_recipe_fields(self, ("learning_rate", "weight_decay"))
+    check_positive_int("cosine_t_max", self.cosine_t_max)
 
   def hyperparams(self) -> dict[str, jax.Array]:
     return {"learning_rate": jnp.float32(self.learning_rate),

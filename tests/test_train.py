@@ -262,7 +262,9 @@ def test_fit_raises_when_training_diverges(model, variables, tiny_set, rbg_key):
 
 
 @pytest.mark.parametrize("field, value", [("epochs", 0), ("batch_size", 0), ("epochs", 1.5),
-                                          ("learning_rate", -1.0), ("momentum", 1.0)])
+                                          ("learning_rate", -1.0), ("momentum", 1.0),
+                                          ("cosine_t_max", 0), ("crop_padding", -2),
+                                          ("weight_decay", float("nan"))])
 def test_sgd_config_rejects_invalid_fields(field, value):
   """Invalid schedule or optimizer settings raise a ValueError naming the field."""
   with pytest.raises(ValueError, match=field):

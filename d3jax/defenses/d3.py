@@ -27,7 +27,7 @@ import optax
 
 from d3jax import optim
 from d3jax.optim.norms import check_norm, tensor_norm
-from d3jax.train import Hyperparams, check_schedule, cosine_per_epoch
+from d3jax.train import Hyperparams, check_recipe_fields, cosine_per_epoch
 
 WarmUp = Literal["random", "near", "middle", "far", "noise"]
 WARM_UPS = ("random", "near", "middle", "far", "noise")
@@ -58,19 +58,12 @@ class D3Config:
 
   def __post_init__(self) -> None:
     check_norm(self.norm)
-    check_schedule(self.epochs, self.batch_size)
+    check_recipe_fields(self, ("lmd", "eps", "learning_rate"))
     if self.warm_up not in WARM_UPS:
       raise ValueError(f"unknown warm_up {self.warm_up!r}; choose one of {WARM_UPS}.")
     if not isinstance(self.select, str) or not self.select:
       raise ValueError(f"select must be a non-empty regular expression over parameter paths, got "
                        f"{self.select!r}.")
-    for name in ("lmd", "eps", "learning_rate"):
-      if not getattr(self, name) >= 0:
-        raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)!r}.")
-    if not 0 <= self.momentum < 1:
-      raise ValueError(f"momentum must be in [0, 1), got {self.momentum!r}.")
-    if self.crop_padding < 0:
-      raise ValueError(f"crop_padding must be ≥ 0, got {self.crop_padding!r}.")
 
   @classmethod
   def preset(cls, name: str, **overrides) -> "D3Config":
