@@ -126,7 +126,7 @@ def torch_step_fn(model: nn.Module, kind: str, lmd: float = 10.0, eps: float = 0
     if kind == "d3":
       with torch.no_grad():
         head.mul_(target / head.norm())
-    return float(loss)
+    return float(loss.detach())
 
   return step
 
@@ -173,7 +173,7 @@ def interleaved(sides: dict, rounds: int, steps: int) -> dict[str, float]:
   return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_steps(rounds: int, steps: int) -> list[dict]:
+def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...]) -> list[dict]:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 128).astype(np.int32)
@@ -183,14 +183,15 @@ def bench_steps(rounds: int, steps: int) -> list[dict]:
   for name, width in (("small_cnn", 32), ("preact_resnet18", 64)):
     for kind in ("d3", "sgd"):
       sides, compile_s = {}, {}
-      for conv in ("im2col", "lax"):
+      lowerings = ("im2col", "lax") if name in lax_models else ("im2col",)
+      for conv in lowerings:
         sides[f"d3jax-{conv}"], compile_s[conv] = jax_step_fn(name, width, kind, conv, images, labels)
       torch.manual_seed(0)
       t_step = torch_step_fn(torch_model(name, width), kind)
       sides["torch"] = lambda: t_step(t_images, t_labels)
       medians = interleaved(sides, rounds, steps)
       row = {"model": name, "step": kind, "torch_img_s": 128 / medians["torch"]}
-      for conv in ("im2col", "lax"):
+      for conv in lowerings:
         row[f"{conv}_img_s"] = 128 / medians[f"d3jax-{conv}"]
         row[f"{conv}_ratio"] = medians["torch"] / medians[f"d3jax-{conv}"]
         row[f"{conv}_compile_s"] = compile_s[conv]
@@ -285,6 +286,8 @@ def main() -> None:
   parser.add_argument("--sections", default="steps,eval,grid")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=2, help="steps per side per round")
+  parser.add_argument("--lax-models", default="small_cnn",
+                      help="models whose step is also timed with XLA's own convolution")
   parser.add_argument("--grid-small", default="1,4,8", help="grid sizes for the small CNN")
   parser.add_argument("--grid-resnet", default="1,4", help="grid sizes for PreAct-ResNet18")
   parser.add_argument("--json", default=None, help="write every row here")
@@ -293,7 +296,7 @@ def main() -> None:
   print(json.dumps(results["machine"]), flush=True)
   sections = args.sections.split(",")
   if "steps" in sections:
-    results["steps"] = bench_steps(args.rounds, args.steps)
+    results["steps"] = bench_steps(args.rounds, args.steps, tuple(args.lax_models.split(",")))
   if "eval" in sections:
     results["eval"] = bench_eval(args.rounds)
   if "grid" in sections:

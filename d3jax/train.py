@@ -324,7 +324,14 @@ def train_epoch(program: Program, state: TrainState, images: jax.Array, labels: 
   reuse donated buffers, so there the state is not donated.
   """
   epoch_fn = _epoch if jax.default_backend() == "cpu" else _epoch_donated
-  return epoch_fn(program, axes, state, images, labels)
+  if axes is None:
+    return epoch_fn(program, axes, state, images, labels)
+  # A grid keeps the layout it was given (d3jax.sweep.shard_grid): without this, XLA may return
+  # an equivalent but differently written sharding (e.g. replicated on a one-device mesh), and the
+  # next epoch would compile again for it.
+  shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
+  state, metrics = epoch_fn(program, axes, state, images, labels)
+  return jax.device_put(state, shardings), metrics
 
 
 def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,

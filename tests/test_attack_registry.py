@@ -15,6 +15,7 @@ PUBLISHED = {
            "fooling_rate": 0.2, "magnitude": 0.2, "filter_taps": 30, "filter_sigma": 6.0},
     "trojannn": {"layer": "linear", "num_neurons": 2, "target_value": 100.0, "steps": 1000,
                  "step_size": 0.1, "epsilon": 0.3, "tolerance": 1e-3, "wrap": False},
+    "ssba": {"bits": 100},
     "wanet": {"k": 4, "strength": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0},
 }
 
@@ -69,4 +70,6 @@ def test_get_trigger_builds_static_triggers():
   assert attacks.get_trigger("SIG", (16, 16, 3), delta=10).delta == 10.0
   assert attacks.get_trigger("badnets", (16, 16, 3)).size == 2
   assert attacks.get_trigger("badnets", (16, 16, 3), size=4).size == 4
-  assert np.asarray(attacks.get_trigger("wanet", (16, 16, 3))(x)).shape == x.shape
+  assert np.asarray(attacks.get("wanet").trigger((16, 16, 3))(x)).shape == x.shape
+  with pytest.raises(ValueError, match="'wanet' controls its own training.*attacks: badnets, blended, sig, lf"):
+    attacks.get_trigger("wanet", (16, 16, 3))

@@ -5,9 +5,12 @@ import pytest
 
 from d3jax.attacks import get
 from d3jax.attacks.wanet import WaNetProgram, WaNetTraining, poison_batch
-from d3jax.attacks.warp import warp
+from d3jax.attacks.warp import warp as warp_eager
 from d3jax.models import get_model
 from d3jax.train import Normalization
+
+
+warp = jax.jit(warp_eager)
 
 
 def _batch(n=20, shape=(8, 8, 1)):
@@ -20,7 +23,8 @@ def test_poison_batch_parts(label_mode, rbg_key):
   images, labels = _batch()
   recipe = WaNetTraining(batch_size=20, ratio=0.2, target=3, label_mode=label_mode, num_classes=4)
   assert recipe.counts == (4, 8)
-  x, y = poison_batch(recipe, images, labels, rbg_key)
+  poison = jax.jit(poison_batch, static_argnums=0)
+  x, y = poison(recipe, images, labels, rbg_key)
   x, y = np.asarray(x), np.asarray(y)
   offsets = recipe.attack.offsets(8, 8)
   np.testing.assert_allclose(x[:4], np.asarray(warp(images[:4].astype(np.float32), offsets)), atol=1e-4)
@@ -32,7 +36,7 @@ def test_poison_batch_parts(label_mode, rbg_key):
   plain = np.asarray(warp(images[4:12].astype(np.float32), offsets))
   assert not np.allclose(cross, plain, atol=1e-3)  # noisy grids differ from the backdoor grid
   assert np.abs(cross - plain).mean() < np.abs(cross - images[4:12]).mean() * 2
-  again, _ = poison_batch(recipe, images, labels, rbg_key)
+  again, _ = poison(recipe, images, labels, rbg_key)
   np.testing.assert_array_equal(np.asarray(again), x)
 
 

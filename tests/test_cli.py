@@ -224,7 +224,7 @@ def test_bad_datasets_are_refused_before_training(tmp_path, capsys):
        "x_train must be uint8 pixel values 0..255"),
       (["--dataset", "digits", "--target", "10"],
        "target must be a class of digits, in [0, 10), got 10."),
-      (["--dataset", "digits", "--attack", "wanet"], "Unknown trigger 'wanet'; available: badnets, blended."),
+      (["--dataset", "digits", "--attack", "refool"], "unknown attack 'refool'; available attacks:"),
       (["--dataset", "digits", "--attack-options", "size", "40"],
        "BadNets size must lie in [1, 16] for (16, 16, 1), got 40."),
       (["--dataset", "digits", "--attack", "blended", "--attack-options", "alpha", "2"],
@@ -375,7 +375,7 @@ def test_a_killed_run_leaves_nothing_that_loads(tmp_path):
 def test_readme_example_runs_and_moves_the_head():
   """The README's 'D3 on your own Flax model' block runs as written and prints a positive distance."""
   text = (ROOT / "README.md").read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+  blocks = [block for block in re.findall(r"```python\n(.*?)```", text, re.S) if "class MyNet" in block]
   assert len(blocks) == 1
   namespace: dict = {}
   exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102 - our own README

@@ -1,4 +1,4 @@
-"""Tests of d3jax.data: sources, splits, augmentation (DESIGN.md Data; spec §1.2, §1.3, §1.5)."""
+"""Tests of d3jax.data: sources, splits, augmentation (DESIGN.md Data; BackdoorBench's normalization, transforms and 5% reserved draw)."""
 import pathlib
 import sys
 import types

@@ -1,4 +1,4 @@
-"""Tests of d3jax.models: spec §3.2/§3.3 structure and counts, modes, errors."""
+"""Tests of d3jax.models: BackdoorBench's PreAct-ResNet18 and VGG structure and parameter counts, modes, errors."""
 from __future__ import annotations
 
 import functools

@@ -132,7 +132,7 @@ def perturb(params, seed, size=0.3):
 
 
 def numpy_d3(params, reference, selected_paths, grad_fn, lmd, lrs, norm, momentum=0.9):
-  """The official per-step order (spec §5.7) in float64: PyTorch SGD momentum, then projection.
+  """The official per-step order (the official code: optimizer step, then rescaling) in float64: PyTorch SGD momentum, then projection.
 
   ``grad_fn(params_float32) -> grad of L_c`` supplies the clean gradient from jax. Returns the
   params after each step.
@@ -326,7 +326,7 @@ def test_d3_first_step_from_reference_matches_numpy():
 @pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("shape", [(3, 4), (2, 2, 3, 4), (5,)])
 def test_norm_gradient_at_zero_is_zero(norm, shape):
-  """∂‖x‖/∂x at x = 0 is exactly 0 (PyTorch convention, spec §5.7 JAX note), never NaN, also
+  """∂‖x‖/∂x at x = 0 is exactly 0 (PyTorch's convention for the norm's gradient), never NaN, also
   under jit."""
   zero = jnp.zeros(shape, jnp.float32)
   for fn in (norm_gradient, jax.jit(norm_gradient, static_argnums=1)):

@@ -54,6 +54,12 @@ class AdaptiveConfig:
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "training"
 
+  @property
+  def crafts_on(self) -> str:
+    """What the base attack's trigger needs."""
+    from d3jax.attacks.registry import get  # pylint: disable=import-outside-toplevel
+    return get(self.base).crafts_on
+
   def __post_init__(self) -> None:
     if not self.rho > 0:
       raise ValueError(f"adaptive rho must be > 0, got {self.rho!r}.")

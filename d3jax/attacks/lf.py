@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +68,11 @@ class LFConfig:
   name: ClassVar[str] = "lf"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+
+  @property
+  def crafts_on(self) -> str:
+    """A clean ``"model"`` to generate the pattern, or ``"nothing"`` with a pattern file."""
+    return "nothing" if self.pattern_path else "model"
 
   def __post_init__(self) -> None:
     for field in ("num_images", "eval_per_class", "max_iter", "max_passes", "filter_taps"):

@@ -3,10 +3,13 @@
 ``get`` returns the attack's frozen config dataclass, holding the published defaults. Every
 config has class attributes ``name``, ``label_modes`` (the label modes it is defined for; the
 first is its default) and ``kind``: ``"poison"`` for data-poisoning attacks, ``"training"``
-for attacks that control training. ``config.trigger(image_shape, *, clean=None, target=0,
-key=None)`` builds the pixel-space trigger (for a training-controlled attack, the one its
-backdoor test set uses); attacks crafted against a clean model (LF without a pattern file,
-TrojanNN) need ``clean`` (:class:`d3jax.attacks.clean.CleanModel`) and, for random draws, ``key``.
+for attacks that control training; ``crafts_on`` says what building the trigger needs:
+``"nothing"``, the attacker's clean ``"images"`` or a clean ``"model"``.
+``config.trigger(image_shape, *, clean=None, target=0, key=None)`` builds the pixel-space trigger
+(for a training-controlled attack, the one its backdoor test set uses); attacks that craft on a
+clean model or clean images (LF without a pattern file, TrojanNN, SSBA) need ``clean``
+(:class:`d3jax.attacks.clean.CleanModel`) and a ``key``;
+:func:`d3jax.attacks.training.build_trigger` trains a clean model when one is needed.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import jax
 
 from d3jax.attacks.adaptive import AdaptiveConfig
 from d3jax.attacks.lf import LFConfig
+from d3jax.attacks.ssba import SSBAConfig
 from d3jax.attacks.triggers import LABEL_MODES, SIG, BadNets, Blended, ImageShape, Trigger
 from d3jax.attacks.trojannn import TrojanNNConfig
 from d3jax.attacks.wanet import WaNetConfig
@@ -42,6 +46,7 @@ class BadNetsConfig:
   name: ClassVar[str] = "badnets"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "nothing"
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> BadNets:
@@ -72,6 +77,7 @@ class BlendedConfig:
   name: ClassVar[str] = "blended"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "nothing"
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> Blended:
@@ -96,6 +102,7 @@ class SIGConfig:
   name: ClassVar[str] = "sig"
   label_modes: ClassVar[tuple[str, ...]] = SIG.label_modes
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "nothing"
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> SIG:
@@ -104,7 +111,7 @@ class SIGConfig:
 
 
 _ATTACKS: dict[str, type] = {config.name: config for config in (
-    BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, TrojanNNConfig, WaNetConfig,
+    BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, SSBAConfig, TrojanNNConfig, WaNetConfig,
     AdaptiveConfig)}
 
 
@@ -129,6 +136,13 @@ def get(name: str, **config: Any) -> Any:
 
 
 def get_trigger(name: str, image_shape: ImageShape, **options: Any) -> Trigger:
-  """The pixel-space trigger of attack ``name`` for images of ``image_shape`` (an attack that
-  needs a clean model raises; build it with ``get(name).trigger(..., clean=...)``)."""
-  return get(name, **options).trigger(image_shape)
+  """The trigger of data-poisoning attack ``name`` for images of ``image_shape``, for
+  :func:`d3jax.attacks.poison` (an attack that crafts on a clean model raises; build it with
+  :func:`d3jax.attacks.training.build_trigger`)."""
+  attack = get(name, **options)
+  if attack.kind != "poison":
+    raise ValueError(
+        f"attack {attack.name!r} controls its own training, so poisoning a dataset with its trigger "
+        f"is not that attack; data-poisoning attacks: "
+        f"{', '.join(n for n in names() if get(n).kind == 'poison')}.")
+  return attack.trigger(image_shape)

@@ -1,4 +1,5 @@
-"""Training a (backdoored) model on a poisoned training set with the BackdoorBench recipe (spec §3.1).
+"""Training a (backdoored) model on a poisoned training set with BackdoorBench's recipe
+(``config/attack/prototype/cifar10.yaml``).
 
 SGD lr 0.01, momentum 0.9, coupled weight decay 5e-4 on every parameter, cosine annealing
 stepped per epoch with T_max = 100 (BackdoorBench hard-codes 100 regardless of the epoch count),
@@ -15,14 +16,43 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from d3jax.attacks.clean import CleanModel
 from d3jax.attacks.poison import PoisonedSet
+from d3jax.attacks.triggers import Trigger
+from d3jax.data.dataset import Dataset
 from d3jax.train import EpochCallback, Normalization, Program, Restore, SGDConfig, init_variables, train
 
 
 @dataclasses.dataclass(frozen=True)
 class AttackTrainConfig(SGDConfig):
-  """The BackdoorBench CIFAR-10 training recipe (spec §3.1): as FT's, at batch 128."""
+  """BackdoorBench's CIFAR-10 backdoor-training recipe: as FT's, at batch 128."""
   batch_size: int = 128
+
+
+def train_clean(model: nn.Module, dataset: Dataset, normalization: Normalization,
+                config: AttackTrainConfig, key: jax.Array, *, progress: bool = True) -> CleanModel:
+  """A clean model trained on ``dataset``'s training set with ``config`` (the attacker's, for
+  crafting triggers), with the clean training images."""
+  clean_set = PoisonedSet(dataset.x_train, dataset.y_train, np.zeros(len(dataset.y_train), bool),
+                          dataset.y_train)
+  variables, _ = train_backdoored(model, clean_set, normalization, config, key, progress=progress,
+                                  desc="clean model")
+  return CleanModel(model, variables, normalization, dataset.x_train, dataset.y_train)
+
+
+def build_trigger(attack: Any, dataset: Dataset, *, model: nn.Module, normalization: Normalization,
+                  config: AttackTrainConfig, target: int, key: jax.Array,
+                  clean: CleanModel | None = None, progress: bool = True) -> Trigger:
+  """The trigger of ``attack`` (a registry config) for ``dataset``. An attack that crafts its
+  trigger against a clean model gets ``clean``, or, when that is None, ``model`` trained on the
+  clean training set with ``config`` (:func:`train_clean`); one that needs clean images only gets
+  the training images."""
+  clean_key, trigger_key = jax.random.split(key)
+  if clean is None and attack.crafts_on == "model":
+    clean = train_clean(model, dataset, normalization, config, clean_key, progress=progress)
+  elif clean is None and attack.crafts_on == "images":
+    clean = CleanModel(model, None, normalization, dataset.x_train, dataset.y_train)
+  return attack.trigger(dataset.image_shape, clean=clean, target=target, key=trigger_key)
 
 
 def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Normalization,

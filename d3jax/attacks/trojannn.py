@@ -65,6 +65,7 @@ class TrojanNNConfig:
   name: ClassVar[str] = "trojannn"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
+  crafts_on: ClassVar[str] = "model"
 
   def __post_init__(self) -> None:
     if self.num_neurons < 1 or self.steps < 0:

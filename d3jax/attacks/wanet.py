@@ -47,6 +47,7 @@ class WaNetConfig:
   name: ClassVar[str] = "wanet"
   label_modes: ClassVar[tuple[str, ...]] = Warp.label_modes
   kind: ClassVar[str] = "training"
+  crafts_on: ClassVar[str] = "nothing"
 
   def __post_init__(self) -> None:
     if self.k < 2:

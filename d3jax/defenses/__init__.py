@@ -125,5 +125,8 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["ANPConfig", "D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig", "NCConfig", "NFTConfig", "REGISTRY",
-           "SuperFTConfig", "check_reserved", "defend", "get", "names", "program", "resolve"]
+from d3jax.defenses.auto import auto  # noqa: E402  (auto uses the helpers above)
+
+__all__ = ["ANPConfig", "D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig",
+           "NCConfig", "NFTConfig", "REGISTRY", "SuperFTConfig", "auto", "check_reserved", "defend",
+           "get", "names", "program", "resolve"]

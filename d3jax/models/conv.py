@@ -16,6 +16,7 @@ function:
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import flax.linen as nn
@@ -50,12 +51,15 @@ def explicit_padding(padding: Padding, kernel_size: tuple[int, int], strides: tu
   return pads
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
   """NHWC convolution (cross-correlation, as ``lax.conv_general_dilated``) as patches @ kernel.
 
   Patches are gathered by kh·kw strided slices of the zero-padded input, in (i, j, c) order, which
-  is the row order of ``kernel.reshape(kh·kw·cin, cout)``.
+  is the row order of ``kernel.reshape(kh·kw·cin, cout)``. Jitted, so that eager (un-jitted)
+  model calls run one compiled program per convolution instead of dispatching every slice; inside
+  a traced function it is inlined.
   """
   kh, kw, cin, cout = kernel.shape
   sh, sw = strides
