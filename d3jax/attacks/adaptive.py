@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -13,7 +14,7 @@ import optax
 from d3jax.optim.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.attacks.triggers import LABEL_MODES, ImageShape, Trigger
-from d3jax.train import Batch, Hyperparams, Program, TrainState
+from d3jax.train import Batch, Hyperparams, Normalization, Program, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class AdaptiveConfig:
   name: ClassVar[str] = "adaptive"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "training"
+  trains_on: ClassVar[str] = "poisoned"
 
   @property
   def crafts_on(self) -> str:
@@ -91,3 +93,10 @@ class AdaptiveConfig:
   def recipe(self, training: AttackTrainConfig) -> SAMTraining:
     """``training`` with ASAM at this config's ``rho``."""
     return SAMTraining(**dataclasses.asdict(training), rho=self.rho)
+
+  def program(self, model: nn.Module, recipe: AttackTrainConfig, normalization: Normalization, *,
+              ratio: float, target: int, label_mode: str, num_classes: int) -> SAMProgram:
+    """The program that trains ``model`` on the poisoned set with ``recipe`` under ASAM (the
+    poisoning itself, ``ratio`` to ``target``, is done beforehand)."""
+    del ratio, target, label_mode, num_classes
+    return SAMProgram(model, self.recipe(recipe), normalization)
