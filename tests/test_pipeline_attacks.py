@@ -49,6 +49,7 @@ def test_sig_defaults_to_clean_label_and_refuses_other_modes(capsys):
   assert AttackRun(attack="sig").mode == "clean_label"
   assert AttackRun(attack="sig").to_json()["label_mode"] == "clean_label"
   assert AttackRun(attack="badnets").mode == "all2one"
+  assert AttackRun(attack="adaptive", attack_options={"base": "sig"}).mode == "clean_label"
   with pytest.raises(ValueError, match=r"^label_mode must be one the wanet attack supports "
                                        r"\(all2one, all2all\), got 'untargeted'\.$"):
     AttackRun(attack="wanet", label_mode="untargeted")

@@ -13,7 +13,7 @@ import optax
 
 from d3jax.optim.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
-from d3jax.attacks.triggers import LABEL_MODES, ImageShape, Trigger
+from d3jax.attacks.triggers import ImageShape, Trigger
 from d3jax.train import Batch, Hyperparams, Normalization, Program, TrainState
 
 
@@ -65,9 +65,14 @@ class AdaptiveConfig:
   base: str = "badnets"
   rho: float = 1.0
   name: ClassVar[str] = "adaptive"
-  label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "training"
   trains_on: ClassVar[str] = "poisoned"
+
+  @property
+  def label_modes(self) -> tuple[str, ...]:
+    """The base attack's label modes (its default first)."""
+    from d3jax.attacks.registry import get  # pylint: disable=import-outside-toplevel
+    return get(self.base).label_modes
 
   @property
   def crafts_on(self) -> str:
