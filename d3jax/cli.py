@@ -1,10 +1,11 @@
 """The ``d3jax`` command, derived from the config dataclasses with tyro.
 
-``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN`` and
-``d3jax demo``. Every field of the attack run, its training recipe and every registered
-defense's config is a flag (shown with its default in ``--help``); a defense added to the
-registry becomes a ``defend`` subcommand by itself. ``--config FILE`` (YAML or JSON, as
-``--print-config`` writes it) sets defaults that flags override.
+``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN``,
+``d3jax demo``, ``d3jax sweep <defense>`` and ``d3jax analyze RUN``. Every field of the attack
+run, its training recipe and every registered defense's config is a flag (shown with its default
+in ``--help``); a defense added to the registry becomes a ``defend`` subcommand by itself.
+``--config FILE`` (YAML or JSON, as ``--print-config`` writes it) sets defaults that flags
+override.
 
 Errors caused by the input (a bad value, a missing file, an existing ``--out``) print one line
 on stderr and exit with status 2; ``--debug`` shows the traceback. Other errors are bugs and
@@ -19,7 +20,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import tyro
 import yaml
@@ -27,7 +28,11 @@ from tqdm import tqdm
 
 import d3jax
 from d3jax import compile_cache, defenses, pipeline, runs
+from d3jax.analysis.grid import format_grid_table
+from d3jax.analysis.run import ANALYSES, analyze, defense_labels
 from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
+from d3jax.sweep import parse_grid
+from d3jax.sweep_runs import defense_key, write_sweep
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
 Flat = tyro.conf.OmitArgPrefixes
@@ -95,10 +100,69 @@ class DefendCommand:
   """the defense and its settings (default: d3)"""
   reserved: ReservedSplit = ReservedSplit()
   session: Annotated[Session, Flat] = Session()
+  auto: bool = False
+  """choose the swept hyperparameters first, with the reserved held-out split only (no test data):
+  train every --auto-grid point, keep the one that moved farthest from the model among those
+  within --auto-budget of the best held-out accuracy (d3jax.defenses.auto)"""
+  auto_grid: tuple[str, ...] = ("lmd=1,10,20,30,40", "eps=0,0.1,0.2,0.3,0.4,0.5")
+  """the grid --auto chooses from, as name=v1,v2,... entries (default: the paper's Tables 6–7)"""
+  auto_budget: float = 0.02
+  """--auto: held-out accuracy a candidate may lose against the grid's best (a fraction)"""
 
   def settings(self) -> dict:
     return {"defense": defense_name(self.defense), "config": dataclasses.asdict(self.defense),
             "reserved": dataclasses.asdict(self.reserved)}
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepCommand:
+  """Run a grid of defense settings (× seeds) on an attack run as one compiled program; writes a
+  sweep run: results.csv, metrics.json, table.txt and heatmap.png (ACC and ASR)."""
+  attack_run: str
+  """run directory written by `d3jax attack` (read only)"""
+  out: str
+  """sweep run directory to write; built in a hidden sibling and renamed into place when complete"""
+  grid: tuple[str, ...] = ("lmd=1,10,20,30,40", "eps=0,0.1,0.2,0.3,0.4,0.5")
+  """name=v1,v2,... per swept hyperparameter (any numeric setting of the defense); the heat map
+  needs one or two"""
+  defense: Annotated[_defense_union(), tyro.conf.arg(name="")] = defenses.D3Config()  # type: ignore[valid-type]
+  """the defense and its fixed settings (default: d3)"""
+  seeds: int = 1
+  """runs per configuration, with defense keys fold_in(key, seed); tables show mean±std"""
+  chunk_size: int = 0
+  """runs trained at once (0: the whole grid); lower it when memory runs out"""
+  save_variables: bool = False
+  """also store every run's variables (one stacked checkpoint)"""
+  overwrite: bool = False
+  """replace an existing --out (never the input run)"""
+  reserved: ReservedSplit = ReservedSplit()
+  session: Annotated[Session, Flat] = Session()
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeCommand:
+  """Draw the D3 paper's analyses of an attack run and its defense runs as PNGs (evaluation only:
+  most read the backdoor test set)."""
+  run: tyro.conf.Positional[str]
+  """attack run directory (read only; the PNGs go to RUN/analysis/ unless --out is given)"""
+  defended: tuple[str, ...] = ()
+  """defense runs of that attack run (e.g. an FT run and a D3 run), compared on every plot"""
+  analyses: tuple[Literal[ANALYSES], ...] = ANALYSES  # type: ignore[valid-type]
+  """path: loss/ACC/ASR along θ_init + t·(θ_def − θ_init); weights: θ_def − θ_init histograms;
+  tsne: penultimate features; gradcam; tac: neuron norm vs trigger-activation change"""
+  out: Optional[str] = None
+  """directory for the PNGs (default RUN/analysis)"""
+  samples: int = 200
+  """test images (with their triggered copies) for t-SNE and TAC"""
+  images: int = 3
+  """images shown by Grad-CAM"""
+  select: str = "linear/kernel"
+  """parameters of the weight histograms (regex over '/'-joined parameter paths)"""
+  layer: Optional[str] = None
+  """layer of Grad-CAM and TAC (default: the last convolution)"""
+  steps: int = 41
+  """values of t in [0, 2] for the path curves"""
+  session: Annotated[Session, Flat] = Session()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +188,8 @@ class DemoCommand:
 
 
 COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "eval": EvalCommand,
-            "show": ShowCommand, "demo": DemoCommand}
+            "show": ShowCommand, "demo": DemoCommand, "sweep": SweepCommand,
+            "analyze": AnalyzeCommand}
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -248,10 +313,38 @@ def run_command(command: Any) -> None:
     runs.RunWriter(out.out, overwrite=out.overwrite, resume=out.resume,
                    inputs=[command.attack_run])  # refuse a bad --out before loading anything
     source = runs.load(command.attack_run)
-    _, rows = runs.write_defense(source, defense_name(command.defense), command.defense,
+    config = _auto_config(command, source, progress) if command.auto else command.defense
+    _, rows = runs.write_defense(source, defense_name(command.defense), config,
                                  command.reserved, out.out, overwrite=out.overwrite,
                                  resume=out.resume, tracking=tracking)
     print(pipeline.format_table(rows))
+  elif isinstance(command, SweepCommand):
+    if command.seeds < 1 or command.chunk_size < 0:
+      raise ValueError(f"--seeds must be ≥ 1 and --chunk-size ≥ 0, got {command.seeds} and "
+                       f"{command.chunk_size}.")
+    runs.RunWriter(command.out, overwrite=command.overwrite, inputs=[command.attack_run])
+    grid = parse_grid(command.grid)
+    _, _, table = write_sweep(runs.load(command.attack_run), defense_name(command.defense),
+                              command.defense, command.reserved, grid, command.out,
+                              seeds=command.seeds, chunk_size=command.chunk_size or None,
+                              save_variables=command.save_variables, overwrite=command.overwrite,
+                              progress=progress)
+    print(table)
+  elif isinstance(command, AnalyzeCommand):
+    for name, value in (("samples", command.samples), ("images", command.images),
+                        ("steps", command.steps)):
+      if value < (2 if name == "steps" else 1):
+        raise ValueError(f"--{name} must be an integer ≥ {2 if name == 'steps' else 1}, got {value}.")
+    source = runs.load(command.run)
+    if source.kind != "attack":
+      raise ValueError(f"{command.run} is a {source.kind} run; pass the attack run and its defense "
+                       "runs with --defended.")
+    defended = defense_labels(source, [runs.load(path) for path in command.defended])
+    written = analyze(source, defended, command.out or source.path / "analysis", command.analyses,
+                      samples=command.samples, images=command.images, select=command.select,
+                      layer=command.layer, steps=command.steps, progress=progress)
+    for path in written.values():
+      print(path)
   elif isinstance(command, EvalCommand):
     print(pipeline.format_table([runs.load(command.run).measure()]))
   elif isinstance(command, ShowCommand):
@@ -263,6 +356,26 @@ def run_command(command: Any) -> None:
   else:
     from d3jax.demo import run_demo  # pylint: disable=import-outside-toplevel
     run_demo(command.out, progress=progress)
+
+
+def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool) -> Any:
+  """The defense config with the hyperparameters `defend --auto` chooses (held-out split only)."""
+  if command.reserved.holdout == 0:
+    raise ValueError("--auto chooses with the held-out part of the reserved set; give "
+                     "--reserved.holdout > 0.")
+  backdoored = source.backdoored
+  (images, labels), heldout = command.reserved.draw(backdoored.dataset)
+  _, log = defenses.auto(defense_name(command.defense), backdoored.model, backdoored.variables,
+                         images, labels, *heldout, normalization=backdoored.normalization,
+                         key=defense_key(command.reserved), grid=parse_grid(command.auto_grid),
+                         config=command.defense, budget=command.auto_budget, progress=progress)
+  swept = list(log["grid"])
+  print(format_grid_table(log["candidates"], swept, ("heldout_acc", "distance")))
+  chosen = log["candidates"][log["chosen"]]
+  print("auto: chose " + ", ".join(f"{k}={chosen[k]:g}" for k in swept) +
+        f" (held-out accuracy {100 * chosen['heldout_acc']:.2f}%, best "
+        f"{100 * log['reference_acc']:.2f}%, budget {100 * log['budget']:.2f} points)")
+  return log["config"]
 
 
 def main(argv: list[str] | None = None) -> int:

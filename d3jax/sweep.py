@@ -80,7 +80,7 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   and every seed, as one vmapped program per chunk, sharded over ``devices``.
 
   Returns the defended variables of each run (a list, grid-major then seed) and a log with the
-  hyperparameters and seed of each run and the per-epoch losses (epochs, runs).
+  hyperparameters and seed of each run, the grid as given, and the per-epoch losses (epochs, runs).
   """
   defense = defense_program(name, model, normalization, config)
   images, labels = check_reserved(model, variables, images, labels)
@@ -116,6 +116,53 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
     defended += [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(real)]
     losses.append(history["loss"][:, :real])
   log = {"defense": name, "hparams": {k: np.asarray(v).tolist() for k, v in hparams.items()},
+         "grid": {k: [float(value) for value in values] for k, values in grid.items()},
          "seeds": seed_of_run.tolist(), "losses": np.concatenate(losses, axis=1).tolist(),
          "config": defense.recipe}
   return defended, log
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[float]]:
+  """``["lmd=1,10,20", "eps=0,0.1"]`` → ``{"lmd": [1.0, 10.0, 20.0], "eps": [0.0, 0.1]}``.
+
+  Raises:
+    ValueError: an item without ``name=values``, a repeated name, or a value that is not a number.
+  """
+  grid: dict[str, list[float]] = {}
+  for item in items:
+    name, sep, values = item.partition("=")
+    name = name.strip()
+    if not sep or not name or not values.strip():
+      raise ValueError(f"--grid entries must read name=v1,v2,... (e.g. lmd=1,10,20), got {item!r}.")
+    if name in grid:
+      raise ValueError(f"--grid names {name!r} twice; give each hyperparameter once.")
+    try:
+      grid[name] = [float(value) for value in values.split(",")]
+    except ValueError:
+      raise ValueError(f"--grid {name}: values must be numbers separated by commas, got "
+                       f"{values!r}.") from None
+  if not grid:
+    raise ValueError("--grid is empty: give at least one name=v1,v2,... entry.")
+  return grid
+
+
+def aggregate(log: Mapping[str, Any], measured: Mapping[str, Sequence[float]]) -> list[dict]:
+  """One row per grid point of a :func:`sweep` log: the swept hyperparameters, the number of
+  seeds, and for every column of ``measured`` (one value per run) its mean and standard
+  deviation over seeds (``<column>`` and ``<column>_std``; sample std, 0 with one seed)."""
+  runs = len(log["seeds"])
+  seeds = max(log["seeds"]) + 1
+  for column, values in measured.items():
+    if len(values) != runs:
+      raise ValueError(f"measured[{column!r}] has {len(values)} values for a sweep of {runs} runs.")
+  rows = []
+  for point, values_at in enumerate(itertools.product(*log["grid"].values())):
+    span = slice(point * seeds, (point + 1) * seeds)
+    row: dict[str, Any] = dict(zip(log["grid"], values_at))
+    row["seeds"] = seeds
+    for column, values in measured.items():
+      chunk = np.asarray(values[span], np.float64)
+      row[column] = float(chunk.mean())
+      row[f"{column}_std"] = float(chunk.std(ddof=1)) if seeds > 1 else 0.0
+    rows.append(row)
+  return rows

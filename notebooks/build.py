@@ -13,7 +13,7 @@ WALKTHROUGH = [
     ("md", "# d3jax walkthrough: backdoor a model, detoxify it with D3\n\n"
            "Everything here runs offline on scikit-learn's digits (16×16 after upsampling), in about a "
            "minute on a laptop CPU. The defense sees only the model and a small clean reserved set."),
-    ("code", "import os\nimport jax\nimport numpy as np\nfrom d3jax import data, models, attacks, defenses, metrics, pipeline, optim\n"
+    ("code", "import os\nimport tempfile\nimport jax\nimport numpy as np\nfrom d3jax import data, models, attacks, defenses, metrics, pipeline, optim\n"
              "from d3jax.attacks.training import AttackTrainConfig, train_backdoored\n"
              "from d3jax.train import Normalization\n\n"
              "QUICK = bool(os.environ.get('D3JAX_QUICK'))  # the test suite runs every loop for one epoch\n"
@@ -117,7 +117,79 @@ NNX_EQUINOX = [
              "print('head norm kept:', float(norm(params.head.weight, 'fro')), float(norm(reference.head.weight, 'fro')))"),
 ]
 
-NOTEBOOKS = {"walkthrough.ipynb": WALKTHROUGH, "optim_nnx_equinox.ipynb": NNX_EQUINOX}
+ANALYSES = [
+    ("md", "# The D3 paper's analyses on a small backdoored model\n\n"
+           "A BadNets model on scikit-learn's digits, defended with FT and with D3; then the pictures of the "
+           "paper: loss and accuracy along the path from the backdoored to the defended weights (Figure 2), "
+           "weight changes (Figure 3c), t-SNE of penultimate features (Figure 3a/b), Grad-CAM (supplement "
+           "Figure 3), neuron norm vs trigger-activation change (FT-SAM paper, Figure 4), and a λ × ε grid "
+           "(Tables 6–7) trained as one vmapped program. Every analysis except the weight histogram reads the "
+           "backdoor test set: they are evaluation tools, no defense calls them. The same pictures come from "
+           "the command line: `d3jax analyze ATTACK_RUN --defended FT_RUN D3_RUN`."),
+    ("code", "import os\nimport tempfile\nimport jax\nimport numpy as np\nfrom IPython.display import Image, display\n"
+             "from d3jax import analysis, metrics, pipeline\nfrom d3jax.sweep import aggregate, sweep\nfrom d3jax.attacks.training import AttackTrainConfig\n"
+             "from d3jax.defenses import D3Config, FTConfig\n\n"
+             "QUICK = bool(os.environ.get('D3JAX_QUICK'))  # the test suite runs everything for one epoch\n"
+             "epochs = 1 if QUICK else 12\n"
+             "run = pipeline.AttackRun(dataset='digits', model_options={'width': 8}, attack='badnets', ratio=0.1,\n"
+             "                         train=AttackTrainConfig(epochs=epochs, learning_rate=0.05, batch_size=64,\n"
+             "                                                 cosine_t_max=epochs, crop_padding=1))\n"
+             "backdoored = pipeline.attack(run, progress=False)\n"
+             "model, initial, norm = backdoored.model, backdoored.variables, backdoored.normalization\n"
+             "rows = [pipeline.table_row('badnets', 'none', backdoored.baseline)]\n"
+             "defended = {}\n"
+             "for name, config in [('ft', FTConfig(epochs=1 if QUICK else 20, batch_size=32, crop_padding=1)),\n"
+             "                     ('d3', D3Config(epochs=1 if QUICK else 20, batch_size=32, crop_padding=1))]:\n"
+             "    row, defended[name], _ = pipeline.defense_row(backdoored, name, config, reserved_ratio=0.1, progress=False)\n"
+             "    rows.append(row)\n"
+             "print(pipeline.format_table(rows))\n"
+             "out = tempfile.mkdtemp() if QUICK else 'analyses_out'  # the PNGs land here"),
+    ("md", "## Path curves (Figure 2)\n\n"
+           "θ_t = θ_init + t·(θ_def − θ_init) for t ∈ [0, 2]; every t is evaluated in one `jax.vmap`. FT stays "
+           "where the backdoor loss is low; D3's path leaves that region, and going on beyond t = 1 raises the "
+           "backdoor loss further."),
+    ("code", "data, bd = backdoored.dataset, backdoored.backdoor_test\n"
+             "curves = {name: analysis.path_curves(model, initial, v, (data.x_test, data.y_test), (bd.x, bd.y), norm,\n"
+             "                                     ts=np.linspace(0, 2, 11 if QUICK else 41))\n"
+             "          for name, v in defended.items()}\n"
+             "display(Image(analysis.plot_paths(curves, f'{out}/path.png', 'badnets: along θ_init + t·(θ_def − θ_init)')))"),
+    ("md", "## Weight changes of the head (Figure 3c)"),
+    ("code", "display(Image(analysis.plot_weight_differences(initial, defended, 'linear/kernel', f'{out}/weights.png',\n"
+             "                                                'badnets: θ_def − θ_init of linear/kernel')))"),
+    ("md", "## t-SNE of penultimate features (Figure 3a/b)\n\nDots are clean test images, crosses the same images "
+           "with the trigger, coloured by their true class."),
+    ("code", "pairs = analysis.paired(backdoored)\n"
+             "rows = np.sort(np.random.default_rng(0).choice(len(pairs.clean), 40 if QUICK else 200, replace=False))\n"
+             "few = analysis.Paired(*(field[rows] for field in pairs))\n"
+             "models = {'backdoored': initial, **defended}\n"
+             "display(Image(analysis.plot_tsne(model, models, few, norm, f'{out}/tsne.png', 'badnets: penultimate features')))"),
+    ("md", "## Grad-CAM at the last convolution (supplement Figure 3)"),
+    ("code", "layer = analysis.last_conv(model, initial, data.image_shape)\n"
+             "two = analysis.Paired(*(field[:2] for field in pairs))\n"
+             "display(Image(analysis.plot_gradcam(model, models, two, norm, layer, f'{out}/gradcam.png', 'badnets')))"),
+    ("md", "## Neuron weight norm vs trigger-activation change (FT-SAM paper, Figure 4)"),
+    ("code", "display(Image(analysis.plot_tac(model, initial, models, few, norm, layer, f'{out}/tac.png',\n"
+             "                                 'badnets: neuron norm vs TAC')))"),
+    ("md", "## A λ × ε grid as one program (Tables 6–7)\n\n"
+           "`sweep` trains every configuration at once (vmapped, sharded over the devices there are); the "
+           "table and the heat map read it like the paper's ablations. `d3jax sweep` does the same from an "
+           "attack run and writes a run directory; with `--seeds 3` every cell is a mean ± std, which matters: "
+           "D3's result moves a lot with the random warm start."),
+    ("code", "x_res, y_res = pipeline.reserved_set(data, 0.1, seed=0)\n"
+             "grid = {'lmd': [1.0, 10.0], 'eps': [0.0, 0.3]} if QUICK else {'lmd': [1.0, 10.0, 40.0], 'eps': [0.0, 0.1, 0.5]}\n"
+             "key = jax.random.fold_in(jax.random.key(0), 3)  # defense_row's key: λ = 10, ε = 0.1 is the D3 run above\n"
+             "variables, log = sweep('d3', model, initial, x_res, y_res, normalization=norm, key=key, grid=grid,\n"
+             "                       config=D3Config(epochs=1 if QUICK else 20, batch_size=32, crop_padding=1), progress=False)\n"
+             "measured, before = [backdoored.measure(v) for v in variables], backdoored.baseline\n"
+             "grid_rows = aggregate(log, {'acc': [m.acc for m in measured], 'asr': [m.asr for m in measured],\n"
+             "                            'ra': [m.ra for m in measured],\n"
+             "                            'der': [metrics.der(before.acc, before.asr, m.acc, m.asr) for m in measured]})\n"
+             "print(analysis.format_grid_table(grid_rows, list(grid)))\n"
+             "display(Image(analysis.heatmap(grid_rows, ('lmd', 'eps'), f'{out}/heatmap.png', 'badnets → d3')))"),
+]
+
+NOTEBOOKS = {"walkthrough.ipynb": WALKTHROUGH, "optim_nnx_equinox.ipynb": NNX_EQUINOX,
+             "analyses.ipynb": ANALYSES}
 
 
 def build(name: str, cells: list[tuple[str, str]]) -> Path:

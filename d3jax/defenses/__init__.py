@@ -101,5 +101,7 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-__all__ = ["D3Config", "FTConfig", "REGISTRY", "check_reserved", "defend", "get", "names", "program",
-           "resolve"]
+from d3jax.defenses.auto import auto  # noqa: E402  (auto uses the helpers above)
+
+__all__ = ["D3Config", "FTConfig", "REGISTRY", "auto", "check_reserved", "defend", "get", "names",
+           "program", "resolve"]
