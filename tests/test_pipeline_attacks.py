@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from d3jax import attacks, cli, runs
+from d3jax import attacks, cli, curves, runs
 from d3jax.attacks import untargeted_success_rate
 from d3jax.pipeline import AttackRun
 from d3jax.train import predict
@@ -37,6 +37,8 @@ def test_every_registered_attack_writes_a_run_that_loads(name, tmp_path, capsys)
   config = json.loads((out / "config.json").read_text())["attack"]
   assert config["attack"] == name
   assert config["label_mode"] == attacks.get(name).label_modes[0]
+  epochs = [row["epoch"] for row in curves.read_rows(out / "metrics.csv")]  # the per-epoch callback ran
+  assert epochs == [1]
   loaded = runs.load(out)
   row = loaded.measure()
   written = json.loads((out / "metrics.json").read_text())
