@@ -11,15 +11,16 @@ import dataclasses
 import functools
 import hashlib
 import os
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from d3jax import metrics
-from d3jax.attacks import LABEL_MODES, PoisonedSet, get_trigger, poison_dataset
-from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax import attacks, metrics
+from d3jax.attacks import LABEL_MODES, PoisonedSet
+from d3jax.attacks.training import (AttackTrainConfig, attack_program, attack_sets, build_trigger,
+                                    train_backdoored)
 from d3jax.data import Dataset, draw_reserved, load_dataset, split_holdout
 from d3jax.evaluation import evaluate
 from d3jax.models import MODELS, get_model
@@ -55,23 +56,29 @@ class AttackRun:
       :func:`d3jax.data.load_dataset`); an npz path is stored absolute.
     model: a name of :data:`d3jax.models.MODELS`.
     model_options: options of that model, e.g. ``width``.
-    attack: the trigger, ``badnets`` or ``blended``.
-    attack_options: options of the trigger (BadNets ``size``, ``value``; Blended ``alpha``,
-      ``seed``, ``key_image``).
-    ratio: fraction of the training set poisoned, in [0, 1].
+    attack: a name of the attack registry (:func:`d3jax.attacks.names`). LF (without a pattern
+      file) and TrojanNN craft their trigger against a clean model first trained with ``train``;
+      SSBA trains its encoder on the clean training images; WaNet trains on the clean set and warps
+      part of every batch; the adaptive attack trains its base attack with ASAM.
+    attack_options: fields of that attack's registry config (:func:`d3jax.attacks.get`), e.g.
+      BadNets ``size``, Blended ``alpha``, LF ``max_passes``, adaptive ``base`` and ``rho``.
+    ratio: fraction of the training set poisoned, in [0, 1] (WaNet: of every batch).
     target: the target class, in [0, num_classes).
-    label_mode: ``all2one``, ``all2all`` or ``clean_label``.
-    seed: seeds the dataset split, the poisoning draw and the training.
-    train: the training recipe.
+    label_mode: ``all2one``, ``all2all``, ``clean_label`` or ``untargeted``, among those the
+      attack supports; None: the attack's default (the first of its ``label_modes``; SIG's is
+      ``clean_label``). Untargeted runs report ASR as
+      :func:`d3jax.attacks.untargeted_success_rate`.
+    seed: seeds the dataset split, the trigger crafting, the poisoning draw and the training.
+    train: the training recipe (also the clean model's, for attacks that craft on one).
   """
   dataset: str = "mnist5k"
   model: Literal[MODELS] = "small_cnn"  # type: ignore[valid-type]
   model_options: dict[str, int | bool] = dataclasses.field(default_factory=dict)
-  attack: str = "badnets"
+  attack: Literal[attacks.names()] = "badnets"  # type: ignore[valid-type]
   attack_options: dict[str, int | float | str] = dataclasses.field(default_factory=dict)
   ratio: float = 0.1
   target: int = 0
-  label_mode: Literal[LABEL_MODES] = "all2one"  # type: ignore[valid-type]
+  label_mode: Optional[Literal[LABEL_MODES]] = None  # type: ignore[valid-type]
   seed: int = 0
   train: AttackTrainConfig = AttackTrainConfig()
 
@@ -84,20 +91,33 @@ class AttackRun:
     check_field(isinstance(self.model_options, dict), "model_options", self.model_options,
                 "a dict of model options")
     get_model(self.model, 10, **self.model_options)  # validates the option names and values
-    check_field(isinstance(self.attack, str), "attack", self.attack, "a trigger name")
+    check_field(isinstance(self.attack, str), "attack", self.attack,
+                f"one of {', '.join(attacks.names())}")
     check_field(isinstance(self.attack_options, dict), "attack_options", self.attack_options,
-                "a dict of trigger options")
+                "a dict of attack options")
+    config = self.attack_config()  # validates the name and the option names
     check_field(_is_fraction(self.ratio), "ratio", self.ratio, "a fraction in [0, 1]")
     check_field(_is_int(self.target) and self.target >= 0, "target", self.target,
                 "a class index ≥ 0")
-    check_field(self.label_mode in LABEL_MODES, "label_mode", self.label_mode,
-                f"one of {', '.join(LABEL_MODES)}")
+    check_field(self.label_mode is None or self.label_mode in config.label_modes, "label_mode",
+                self.label_mode, f"one the {config.name} attack supports "
+                f"({', '.join(config.label_modes)})")
     check_field(_is_int(self.seed) and self.seed >= 0, "seed", self.seed, "an integer ≥ 0")
     check_field(isinstance(self.train, AttackTrainConfig), "train", self.train,
                 "an AttackTrainConfig")
 
+  def attack_config(self) -> Any:
+    """The attack's registry config with ``attack_options``."""
+    return attacks.get(self.attack, **self.attack_options)
+
+  @property
+  def mode(self) -> str:
+    """The label mode used: ``label_mode``, or the attack's default when that is None."""
+    return self.label_mode or self.attack_config().label_modes[0]
+
   def to_json(self) -> dict:
-    return dataclasses.asdict(self)
+    """The fields as a JSON-able dict, the label mode resolved (``config.json`` states it)."""
+    return {**dataclasses.asdict(self), "label_mode": self.mode}
 
   @classmethod
   def from_json(cls, data: Any) -> "AttackRun":
@@ -173,8 +193,9 @@ class Backdoored:
     return self.measure(self.variables)
 
   def measure(self, variables: Any) -> metrics.BackdoorMetrics:
+    """ACC, ASR and RA of ``variables``; an untargeted run's ASR is the untargeted success rate."""
     return evaluate(self.model, variables, self.dataset.x_test, self.dataset.y_test,
-                    self.backdoor_test, self.normalization)
+                    self.backdoor_test, self.normalization, untargeted=self.run.mode == "untargeted")
 
   def like(self) -> Any:
     """Shapes and dtypes of the model's variables (for restoring a checkpoint)."""
@@ -182,37 +203,58 @@ class Backdoored:
                                                  jax.random.key(0)))
 
 
-def prepare(run: AttackRun) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet]:
-  """The dataset, the model, the poisoned training set and the backdoor test set of ``run``."""
+def prepare(run: AttackRun, *, progress: bool = True
+            ) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet]:
+  """The dataset, the model, the set the model trains on (poisoned; clean for WaNet, which
+  poisons every batch itself) and the backdoor test set of ``run``.
+
+  The trigger is built with :func:`d3jax.attacks.training.build_trigger` (training a clean model
+  first for LF and TrojanNN, SSBA's encoder on the clean images), keyed from ``run.seed``.
+  """
   dataset = load_dataset(run.dataset, seed=run.seed)
   check_field(run.target < dataset.num_classes, "target", run.target,
               f"a class of {dataset.name}, in [0, {dataset.num_classes})")
   model = get_model(run.model, dataset.num_classes, **run.model_options)
-  trigger = get_trigger(run.attack, dataset.image_shape, **run.attack_options)
-  poison_key = jax.random.fold_in(jax.random.key(run.seed), 1)
-  train, backdoor_test = poison_dataset(dataset, trigger, ratio=run.ratio, target=run.target,
-                                        label_mode=run.label_mode, key=poison_key)
+  config = run.attack_config()
+  key = jax.random.key(run.seed)
+  trigger = build_trigger(config, dataset, model=model, normalization=_normalization(dataset),
+                          config=run.train, target=run.target, key=jax.random.fold_in(key, 3),
+                          progress=progress)
+  train, backdoor_test = attack_sets(config, trigger, dataset, ratio=run.ratio, target=run.target,
+                                     label_mode=run.mode, key=jax.random.fold_in(key, 1))
   return dataset, model, train, backdoor_test
 
 
 def attack(run: AttackRun, *, progress: bool = True, callback: EpochCallback | None = None,
-           restore: Restore | None = None) -> Backdoored:
-  """Trains a backdoored model as ``run`` describes.
+           restore: Restore | None = None,
+           prepared: tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet] | None = None) -> Backdoored:
+  """Trains a backdoored model as ``run`` describes, with the attack's own training program
+  (:func:`d3jax.attacks.training.attack_program`: WaNet's, the adaptive attack's ASAM).
 
   ``callback(epoch, state, metrics)`` runs after every epoch (epoch counted from 0);
-  ``restore(fresh_state)`` may return a saved state to continue from (resume).
+  ``restore(fresh_state)`` may return a saved state to continue from (resume); ``prepared``:
+  what :func:`prepare` returned for ``run``, so the trigger is not built twice.
   """
-  dataset, model, poisoned, backdoor_test = prepare(run)
-  variables, _ = train_backdoored(model, poisoned, Normalization(dataset.mean, dataset.std),
-                                  run.train, jax.random.fold_in(jax.random.key(run.seed), 2),
+  dataset, model, train_set, backdoor_test = prepared or prepare(run, progress=progress)
+  normalization = _normalization(dataset)
+  program = attack_program(run.attack_config(), model, normalization, run.train, ratio=run.ratio,
+                           target=run.target, label_mode=run.mode, num_classes=dataset.num_classes)
+  variables, _ = train_backdoored(model, train_set, normalization, run.train,
+                                  jax.random.fold_in(jax.random.key(run.seed), 2),
                                   progress=progress, desc=f"attack {run.attack}", callback=callback,
-                                  restore=restore)
+                                  restore=restore, program=program)
   return Backdoored(run, dataset, model, variables, backdoor_test)
 
 
-def rebuild(run: AttackRun, variables_from: Callable[[Any], Any]) -> Backdoored:
-  """A backdoored model from its config, its weights from ``variables_from(like)``."""
-  dataset, model, _, backdoor_test = prepare(run)
+def _normalization(dataset: Dataset) -> Normalization:
+  return Normalization(dataset.mean, dataset.std)
+
+
+def rebuild(run: AttackRun, variables_from: Callable[[Any], Any], *,
+            progress: bool = False) -> Backdoored:
+  """A backdoored model from its config, its weights from ``variables_from(like)`` (a crafted
+  trigger is crafted again, deterministically from ``run.seed``)."""
+  dataset, model, _, backdoor_test = prepare(run, progress=progress)
   partial = Backdoored(run, dataset, model, None, backdoor_test)
   partial.variables = variables_from(partial.like())
   return partial

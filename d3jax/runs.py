@@ -212,14 +212,15 @@ def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False, re
   """
   writer = RunWriter(out, overwrite=overwrite, resume=resume)
   start = time.perf_counter()
-  dataset, model, poisoned, backdoor_test = prepare(run)  # bad data fails here, before any write
+  prepared = prepare(run, progress=tracking.progress)  # bad data fails here, before any write
+  dataset, model, poisoned, backdoor_test = prepared
   with writer:
     shell = Backdoored(run, dataset, model, None, backdoor_test)
     writer.start(attack_config(run, shell))
     recorder = Recorder(writer.stage, shell, run.train.epochs, tracking)
     try:
       backdoored = pipeline.attack(run, progress=tracking.progress, callback=recorder,
-                                   restore=recorder.restore)
+                                   restore=recorder.restore, prepared=prepared)
     finally:
       recorder.close()
     warnings = recorder.warnings(

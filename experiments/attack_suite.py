@@ -21,12 +21,11 @@ import time
 import jax
 import numpy as np
 
-from d3jax import attacks, metrics, train
-from d3jax.attacks import backdoor_test_set, poison_dataset
-from d3jax.attacks.adaptive import SAMProgram
-from d3jax.attacks.training import AttackTrainConfig, build_trigger, train_clean
-from d3jax.attacks.wanet import WaNetProgram, WaNetTraining
+from d3jax import attacks, train
+from d3jax.attacks.training import (AttackTrainConfig, attack_program, attack_sets, build_trigger,
+                                    train_clean)
 from d3jax.data import load_dataset
+from d3jax.evaluation import evaluate
 from d3jax.models import get_model
 
 CIFAR = "../shared/data/cifar10_10k_jpegsrc.npz"
@@ -45,11 +44,6 @@ def run_dataset(name: str, attack_names: list[str], args: argparse.Namespace) ->
   recipe = AttackTrainConfig(epochs=args.epochs, learning_rate=args.lr, cosine_t_max=args.epochs, flip=flip)
   key = jax.random.key(args.seed)
 
-  def fit(program, images, labels):
-    variables = train.init_variables(model, dataset.image_shape, jax.random.fold_in(key, 1))
-    return train.train(program, variables, images, labels, jax.random.fold_in(key, 2),
-                       desc=f"{name} {program.recipe.__class__.__name__}")[0]
-
   clean = None
   if any(attacks.get(name).crafts_on == "model" for name in attack_names):  # one for LF and TrojanNN
     clean = train_clean(model, dataset, normalization, recipe, jax.random.fold_in(key, 5))
@@ -59,21 +53,17 @@ def run_dataset(name: str, attack_names: list[str], args: argparse.Namespace) ->
     config = attacks.get(attack_name, **({"rho": args.rho} if attack_name == "adaptive" else {}))
     trigger = build_trigger(config, dataset, model=model, normalization=normalization, config=recipe,
                             target=0, key=jax.random.fold_in(key, 3), clean=clean)
-    if attack_name == "wanet":
-      training = WaNetTraining(**recipe.__dict__, num_classes=dataset.num_classes)
-      variables = fit(WaNetProgram(model, training, normalization), dataset.x_train, dataset.y_train)
-      bd_test = backdoor_test_set(dataset.x_test, dataset.y_test, trigger, num_classes=dataset.num_classes)
-    else:
-      label_mode = config.label_modes[0]
-      ratio = float(np.mean(dataset.y_train == 0)) if label_mode == "clean_label" else 0.1
-      poisoned, bd_test = poison_dataset(dataset, trigger, ratio=ratio, label_mode=label_mode,
-                                         key=jax.random.fold_in(key, 4))
-      program = (SAMProgram(model, config.recipe(recipe), normalization) if attack_name == "adaptive"
-                 else train.Program(model, recipe, normalization))
-      variables = fit(program, poisoned.x, poisoned.y)
-    measured = metrics.summarize(
-        train.predict(model, variables, dataset.x_test, normalization), dataset.y_test,
-        train.predict(model, variables, bd_test.x, normalization), bd_test.y, bd_test.y_orig)
+    label_mode = config.label_modes[0]
+    ratio = float(np.mean(dataset.y_train == 0)) if label_mode == "clean_label" else 0.1
+    train_set, bd_test = attack_sets(config, trigger, dataset, ratio=ratio, target=0,
+                                     label_mode=label_mode, key=jax.random.fold_in(key, 4))
+    program = attack_program(config, model, normalization, recipe, ratio=ratio, target=0,
+                             label_mode=label_mode, num_classes=dataset.num_classes)
+    variables = train.train(program, train.init_variables(model, dataset.image_shape, jax.random.fold_in(key, 1)),
+                            train_set.x, train_set.y, jax.random.fold_in(key, 2),
+                            desc=f"{name} {attack_name}")[0]
+    measured = evaluate(model, variables, dataset.x_test, dataset.y_test, bd_test, normalization,
+                        untargeted=label_mode == "untargeted")
     rows.append({"dataset": name, "model": f"{model_name} {options}", "attack": attack_name,
                  "epochs": args.epochs, "acc": measured.acc, "asr": measured.asr, "ra": measured.ra,
                  "wall_s": round(time.time() - start, 1)})

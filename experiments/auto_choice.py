@@ -32,11 +32,11 @@ from d3jax.sweep import parse_grid, sweep
 from d3jax.sweep_runs import defense_key, measure_runs
 
 PAPER_DEFAULT = {"lmd": 10.0, "eps": 0.1}
-# The attacks d3jax's pipeline trains today with their own settings: SIG is clean-label, so it can
-# poison at most the target class (~10% of the data), so it poisons 5% here. LF, SSBA
-# and TrojanNN need a clean model to craft their trigger, WaNet and the adaptive attack control
-# training: add them here once `d3jax attack` builds them.
-ATTACKS = {"badnets": {}, "blended": {}, "sig": {"label_mode": "clean_label", "ratio": 0.05}}
+# The attacks run by default, with their run settings: SIG is clean-label (its default label mode),
+# so it can poison at most the target class (~10% of the data), so it poisons 5% here. The
+# pipeline trains every registered attack (`--attacks lf ssba trojannn wanet adaptive` too); LF
+# and TrojanNN then train a clean model first to craft against.
+ATTACKS = {"badnets": {}, "blended": {}, "sig": {"ratio": 0.05}}
 
 
 def one_case(dataset: str, attack: str, seed: int, args: argparse.Namespace) -> dict:

@@ -24,7 +24,8 @@ def paired(backdoored: Backdoored) -> Paired:
   """The clean test images behind the backdoor test set, aligned with it (the set keeps the test
   order and drops the target class unless the attack is all-to-all)."""
   run, dataset, bd = backdoored.run, backdoored.dataset, backdoored.backdoor_test
-  keep = np.ones(len(dataset.y_test), bool) if run.label_mode == "all2all" else dataset.y_test != run.target
+  keep = (np.ones(len(dataset.y_test), bool) if run.mode in ("all2all", "untargeted")
+          else dataset.y_test != run.target)
   clean = dataset.x_test[keep]
   if clean.shape != bd.x.shape or not np.array_equal(dataset.y_test[keep], bd.y_orig):
     raise ValueError("the backdoor test set is not aligned with the clean test set; rebuild the run.")

@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 from d3jax.attacks.training import AttackTrainConfig
-from d3jax.attacks.triggers import LABEL_MODES, ImageShape, Trigger
+from d3jax.attacks.triggers import ImageShape, Trigger
 from d3jax.optim.sam import adaptive_sam
-from d3jax.sharpness import SAMProgram  # re-exported: the program that trains SAMTraining
-from d3jax.train import Hyperparams
+from d3jax.sharpness import SAMProgram
+from d3jax.train import Hyperparams, Normalization
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +52,14 @@ class AdaptiveConfig:
   base: str = "badnets"
   rho: float = 1.0
   name: ClassVar[str] = "adaptive"
-  label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "training"
+  trains_on: ClassVar[str] = "poisoned"
+
+  @property
+  def label_modes(self) -> tuple[str, ...]:
+    """The base attack's label modes (its default first)."""
+    from d3jax.attacks.registry import get  # pylint: disable=import-outside-toplevel
+    return get(self.base).label_modes
 
   @property
   def crafts_on(self) -> str:
@@ -78,3 +85,10 @@ class AdaptiveConfig:
   def recipe(self, training: AttackTrainConfig) -> SAMTraining:
     """``training`` with ASAM at this config's ``rho``."""
     return SAMTraining(**dataclasses.asdict(training), rho=self.rho)
+
+  def program(self, model: nn.Module, recipe: AttackTrainConfig, normalization: Normalization, *,
+              ratio: float, target: int, label_mode: str, num_classes: int) -> SAMProgram:
+    """The program that trains ``model`` on the poisoned set with ``recipe`` under ASAM (the
+    poisoning itself, ``ratio`` to ``target``, is done beforehand)."""
+    del ratio, target, label_mode, num_classes
+    return SAMProgram(model, self.recipe(recipe), normalization)

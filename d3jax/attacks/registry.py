@@ -10,6 +10,11 @@ for attacks that control training; ``crafts_on`` says what building the trigger 
 clean model or clean images (LF without a pattern file, TrojanNN, SSBA) need ``clean``
 (:class:`d3jax.attacks.clean.CleanModel`) and a ``key``;
 :func:`d3jax.attacks.training.build_trigger` trains a clean model when one is needed.
+A training-controlled config also has ``trains_on`` (``"clean"``: its program poisons every batch
+itself, as WaNet's; ``"poisoned"``: it trains on a set poisoned with its trigger, as the adaptive
+attack) and ``program(model, recipe, normalization, *, ratio, target, label_mode, num_classes)``,
+its :class:`d3jax.train.Program`; :func:`d3jax.attacks.training.attack_sets` and
+:func:`d3jax.attacks.training.attack_program` pick what every attack trains on and with.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from d3jax.attacks.clean import CleanModel
-from d3jax.attacks.poison import PoisonedSet
+from d3jax.attacks.poison import PoisonedSet, backdoor_test_set, poison_dataset
 from d3jax.attacks.triggers import Trigger
 from d3jax.data.dataset import Dataset
 from d3jax.train import EpochCallback, Normalization, Program, Restore, SGDConfig, init_variables, train
@@ -33,10 +33,8 @@ def train_clean(model: nn.Module, dataset: Dataset, normalization: Normalization
                 config: AttackTrainConfig, key: jax.Array, *, progress: bool = True) -> CleanModel:
   """A clean model trained on ``dataset``'s training set with ``config`` (the attacker's, for
   crafting triggers), with the clean training images."""
-  clean_set = PoisonedSet(dataset.x_train, dataset.y_train, np.zeros(len(dataset.y_train), bool),
-                          dataset.y_train)
-  variables, _ = train_backdoored(model, clean_set, normalization, config, key, progress=progress,
-                                  desc="clean model")
+  variables, _ = train_backdoored(model, clean_set(dataset), normalization, config, key,
+                                  progress=progress, desc="clean model")
   return CleanModel(model, variables, normalization, dataset.x_train, dataset.y_train)
 
 
@@ -55,11 +53,46 @@ def build_trigger(attack: Any, dataset: Dataset, *, model: nn.Module, normalizat
   return attack.trigger(dataset.image_shape, clean=clean, target=target, key=trigger_key)
 
 
+def clean_set(dataset: Dataset) -> PoisonedSet:
+  """``dataset``'s training set, unpoisoned, as a :class:`PoisonedSet`."""
+  return PoisonedSet(dataset.x_train, dataset.y_train, np.zeros(len(dataset.y_train), bool),
+                     dataset.y_train)
+
+
+def attack_sets(attack: Any, trigger: Trigger, dataset: Dataset, *, ratio: float, target: int,
+                label_mode: str, key: jax.Array) -> tuple[PoisonedSet, PoisonedSet]:
+  """What ``attack`` (a registry config) trains on, and its backdoor test set.
+
+  A data-poisoning attack, or a training-controlled one that ``trains_on`` a poisoned set,
+  trains on ``dataset`` poisoned with ``trigger`` (:func:`d3jax.attacks.poison_dataset` with
+  ``key``); one whose program poisons every batch itself (WaNet) trains on the clean set.
+  """
+  if attack.kind == "training" and attack.trains_on == "clean":
+    _, test_key = jax.random.split(key)
+    return clean_set(dataset), backdoor_test_set(
+        dataset.x_test, dataset.y_test, trigger, target=target, label_mode=label_mode,
+        num_classes=dataset.num_classes, key=test_key)
+  return poison_dataset(dataset, trigger, ratio=ratio, target=target, label_mode=label_mode, key=key)
+
+
+def attack_program(attack: Any, model: nn.Module, normalization: Normalization,
+                   recipe: AttackTrainConfig, *, ratio: float, target: int, label_mode: str,
+                   num_classes: int) -> Program:
+  """The program that trains ``attack``'s model: the attack's own for a training-controlled attack
+  (WaNet's per-batch warping, the adaptive attack's ASAM), plain ``recipe`` otherwise."""
+  if attack.kind == "training":
+    return attack.program(model, recipe, normalization, ratio=ratio, target=target,
+                          label_mode=label_mode, num_classes=num_classes)
+  return Program(model, recipe, normalization)
+
+
 def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Normalization,
                      config: AttackTrainConfig, key: jax.Array, *, variables: Any = None,
                      progress: bool = True, desc: str = "attack", callback: EpochCallback | None = None,
-                     restore: Restore | None = None) -> tuple[Any, dict[str, np.ndarray]]:
-  """Trains ``model`` (from fresh variables unless given) on the poisoned set.
+                     restore: Restore | None = None,
+                     program: Program | None = None) -> tuple[Any, dict[str, np.ndarray]]:
+  """Trains ``model`` (from fresh variables unless given) on the poisoned set, with ``program``
+  (default: plain ``config``; :func:`attack_program` gives an attack's own).
 
   ``callback`` and ``restore`` are those of :func:`d3jax.train.train` (per-epoch hook, resume).
   Returns the final variables and the per-epoch metrics (``"loss"``: mean training loss).
@@ -68,5 +101,6 @@ def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Nor
   if variables is None:
     variables = init_variables(model, poisoned.x.shape[1:], init_key)
 
-  return train(Program(model, config, normalization), variables, poisoned.x, poisoned.y, train_key,
+  program = Program(model, config, normalization) if program is None else program
+  return train(program, variables, poisoned.x, poisoned.y, train_key,
                desc=desc, progress=progress, callback=callback, restore=restore)

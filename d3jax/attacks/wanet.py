@@ -11,13 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.attacks.triggers import ImageShape, _image_shape
 from d3jax.attacks.warp import Warp, grid_offsets, warp, warp_field
-from d3jax.train import Batch, Program, TrainState
+from d3jax.train import Batch, Normalization, Program, TrainState
 
 _WANET_STREAM = 3
 
@@ -48,6 +49,7 @@ class WaNetConfig:
   label_modes: ClassVar[tuple[str, ...]] = Warp.label_modes
   kind: ClassVar[str] = "training"
   crafts_on: ClassVar[str] = "nothing"
+  trains_on: ClassVar[str] = "clean"
 
   def __post_init__(self) -> None:
     if self.k < 2:
@@ -68,6 +70,14 @@ class WaNetConfig:
     del clean, target, key
     height, width, _ = _image_shape(image_shape)
     return Warp(image_shape, self.offsets(height, width))
+
+  def program(self, model: nn.Module, recipe: AttackTrainConfig, normalization: Normalization, *,
+              ratio: float, target: int, label_mode: str, num_classes: int) -> "WaNetProgram":
+    """The program that trains ``model`` with ``recipe`` and this warp on the clean training set,
+    backdooring a ``ratio`` share of every batch toward ``target``."""
+    training = WaNetTraining(**dataclasses.asdict(recipe), attack=self, ratio=ratio, target=target,
+                             label_mode=label_mode, num_classes=num_classes)
+    return WaNetProgram(model, training, normalization)
 
 
 @dataclasses.dataclass(frozen=True)

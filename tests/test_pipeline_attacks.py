@@ -1,0 +1,79 @@
+"""Every registered attack through ``d3jax attack --attack NAME`` and back through ``runs.load``
+(digits, width-4 small CNN, one epoch, small crafting budgets), label-mode defaults and refusals,
+and the untargeted ASR (D3 supplement Sec. 8.6, Table 11) in every table row."""
+import json
+
+import numpy as np
+import pytest
+
+from d3jax import attacks, cli, curves, runs
+from d3jax.attacks import untargeted_success_rate
+from d3jax.pipeline import AttackRun
+from d3jax.train import predict
+
+TINY = ["--dataset", "digits", "--model-options", "width", "4", "--epochs", "1", "--batch-size", "64",
+        "--eval-every", "0", "--quiet"]
+# Crafting budgets that take seconds (LF and TrojanNN craft against a one-epoch clean model); SIG
+# poisons 5% of the set, as digits' class 0 holds under 10% of it.
+EXTRA = {
+    "lf": ["--attack-options", "num_images", "8", "eval_per_class", "2", "max_iter", "5",
+           "max_passes", "1"],
+    "sig": ["--ratio", "0.05"],
+    "ssba": ["--attack-options", "bits", "8", "width", "4", "steps", "5", "batch_size", "16"],
+    "trojannn": ["--attack-options", "steps", "5"],
+}
+
+
+def _attack(out, name):
+  return cli.main(["attack", "--out", str(out), "--attack", name, *TINY, *EXTRA.get(name, [])])
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_every_registered_attack_writes_a_run_that_loads(name, tmp_path, capsys):
+  """``d3jax attack --attack NAME`` trains with the attack's own trigger and program, writes a run,
+  and ``runs.load`` rebuilds it (the trigger crafted again from the seed) to the same row."""
+  out = tmp_path / name
+  assert _attack(out, name) == 0, capsys.readouterr().err
+  config = json.loads((out / "config.json").read_text())["attack"]
+  assert config["attack"] == name
+  assert config["label_mode"] == attacks.get(name).label_modes[0]
+  epochs = [row["epoch"] for row in curves.read_rows(out / "metrics.csv")]  # the per-epoch callback ran
+  assert epochs == [1]
+  loaded = runs.load(out)
+  row = loaded.measure()
+  written = json.loads((out / "metrics.json").read_text())
+  assert row["attack"] == name
+  for metric in ("acc", "asr", "ra"):
+    assert row[metric] == pytest.approx(written[metric], abs=1e-6), metric
+
+
+def test_sig_defaults_to_clean_label_and_refuses_other_modes(capsys):
+  assert AttackRun(attack="sig").mode == "clean_label"
+  assert AttackRun(attack="sig").to_json()["label_mode"] == "clean_label"
+  assert AttackRun(attack="badnets").mode == "all2one"
+  assert AttackRun(attack="adaptive", attack_options={"base": "sig"}).mode == "clean_label"
+  with pytest.raises(ValueError, match=r"^label_mode must be one the wanet attack supports "
+                                       r"\(all2one, all2all\), got 'untargeted'\.$"):
+    AttackRun(attack="wanet", label_mode="untargeted")
+  assert cli.main(["attack", "--out", "never", "--attack", "sig", "--label-mode", "all2one",
+                   "--quiet"]) == 2
+  err = capsys.readouterr().err
+  assert err == ("d3jax: error: label_mode must be one the sig attack supports (clean_label), got "
+                 "'all2one'.\n")
+
+
+def test_untargeted_rows_use_the_untargeted_success_rate(tmp_path, capsys):
+  """The row's ASR is the misclassification rate among originally correct samples, not the share
+  predicted as the (true) label of the backdoor test set."""
+  out = tmp_path / "untargeted"
+  assert cli.main(["attack", "--out", str(out), "--label-mode", "untargeted", *TINY]) == 0
+  written = json.loads((out / "metrics.json").read_text())
+  backdoored = runs.load(out).backdoored
+  model, variables, norm = backdoored.model, backdoored.variables, backdoored.normalization
+  clean = predict(model, variables, backdoored.dataset.x_test, norm)
+  triggered = predict(model, variables, backdoored.backdoor_test.x, norm)
+  expected = untargeted_success_rate(clean, triggered, backdoored.dataset.y_test)
+  assert written["asr"] == pytest.approx(expected, abs=1e-6)
+  assert backdoored.baseline.asr == pytest.approx(expected, abs=1e-6)
+  assert written["ra"] == pytest.approx(np.mean(triggered == backdoored.dataset.y_test), abs=1e-6)
+  assert "badnets" in capsys.readouterr().out
