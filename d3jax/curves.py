@@ -74,6 +74,7 @@ def plot(csv_path: Path, png_path: Path, title: str) -> Path:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+  from matplotlib.ticker import MaxNLocator  # pylint: disable=import-outside-toplevel
 
   rows = read_rows(csv_path)
   fig, (loss_ax, rate_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -84,6 +85,7 @@ def plot(csv_path: Path, png_path: Path, title: str) -> Path:
       if points:
         ax.plot(*zip(*points), marker="o", markersize=3, label=column)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(label)
     if ax.lines:
       ax.legend()
