@@ -7,7 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from d3jax import train
+from d3jax import metrics, train
+from d3jax.attacks import BadNets, poison_dataset
+from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax.data import draw_reserved, subset
 from d3jax.models import get_model
 
 
@@ -43,3 +46,26 @@ def model():
 def variables(model, rbg_key):
   """Fresh variables of ``model`` for 8×8×1 images."""
   return train.init_variables(model, (8, 8, 1), rbg_key)
+
+
+@pytest.fixture(scope="session")
+def backdoor(digits, rbg_key):
+  """A BadNets small CNN on digits (ASR ≥ 0.8), shared by the defense fixture runs: (model,
+  normalization, backdoored variables, reserved 10% images/labels, evaluate, before)."""
+  ds = digits
+  norm = train.Normalization(ds.mean, ds.std)
+  model = get_model("small_cnn", ds.num_classes, width=8)
+  poison_key, attack_key, reserve_key = jax.random.split(rbg_key, 3)
+  poisoned, bd_test = poison_dataset(ds, BadNets(ds.image_shape), ratio=0.1, target=0, key=poison_key)
+  attack = AttackTrainConfig(epochs=8, batch_size=64, learning_rate=0.1, cosine_t_max=8, crop_padding=1)
+  backdoored, _ = train_backdoored(model, poisoned, norm, attack, attack_key, progress=False)
+
+  def evaluate(variables):
+    return metrics.summarize(train.predict(model, variables, ds.x_test, norm), ds.y_test,
+                             train.predict(model, variables, bd_test.x, norm), bd_test.y,
+                             bd_test.y_orig)
+
+  before = evaluate(backdoored)
+  assert before.asr >= 0.8 and before.acc >= 0.85, before
+  x_reserved, y_reserved = subset(ds.x_train, ds.y_train, draw_reserved(ds.y_train, 0.1, reserve_key))
+  return model, norm, backdoored, x_reserved, y_reserved, evaluate, before

@@ -1,4 +1,4 @@
-"""Each baseline defense removes a BadNets backdoor from a small CNN on digits: one module-scoped
+"""Each baseline defense removes a BadNets backdoor from a small CNN on digits: one session-scoped
 backdoored model (ASR ≥ 0.8), a reserved 10% of the clean training set, a few epochs per
 defense; the ASR must drop while the clean accuracy holds. Also: NFT's defended variables are
 the plain model's with only BN scales changed (masks folded in), and FP prunes then fine-tunes."""
@@ -8,38 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from d3jax import defenses, metrics, train
-from d3jax.attacks import BadNets, poison_dataset
-from d3jax.attacks.training import AttackTrainConfig, train_backdoored
+from d3jax import defenses
 from d3jax.defenses import nc
-from d3jax.data import draw_reserved, subset
-from d3jax.models import get_model
 from d3jax.optim.masks import lower_bounds
 
 pytestmark = pytest.mark.slow
 SHORT = {"batch_size": 16, "crop_padding": 1}
-
-
-@pytest.fixture(scope="module")
-def backdoor(digits, rbg_key):
-  """(model, normalization, backdoored variables, reserved images/labels, evaluate, before)."""
-  ds = digits
-  norm = train.Normalization(ds.mean, ds.std)
-  model = get_model("small_cnn", ds.num_classes, width=8)
-  poison_key, attack_key, reserve_key = jax.random.split(rbg_key, 3)
-  poisoned, bd_test = poison_dataset(ds, BadNets(ds.image_shape), ratio=0.1, target=0, key=poison_key)
-  attack = AttackTrainConfig(epochs=8, batch_size=64, learning_rate=0.1, cosine_t_max=8, crop_padding=1)
-  backdoored, _ = train_backdoored(model, poisoned, norm, attack, attack_key, progress=False)
-
-  def evaluate(variables):
-    return metrics.summarize(train.predict(model, variables, ds.x_test, norm), ds.y_test,
-                             train.predict(model, variables, bd_test.x, norm), bd_test.y,
-                             bd_test.y_orig)
-
-  before = evaluate(backdoored)
-  assert before.asr >= 0.8 and before.acc >= 0.85, before
-  x_reserved, y_reserved = subset(ds.x_train, ds.y_train, draw_reserved(ds.y_train, 0.1, reserve_key))
-  return model, norm, backdoored, x_reserved, y_reserved, evaluate, before
 
 
 def _defend(backdoor, name, **settings):

@@ -8,12 +8,8 @@ import numpy as np
 import pytest
 
 from d3jax import defenses, metrics, train
-from d3jax.attacks import BadNets, poison_dataset
-from d3jax.attacks.training import AttackTrainConfig, train_backdoored
-from d3jax.data import draw_reserved, subset
 from d3jax.defenses import D3Config, FTConfig, defend
 from d3jax.defenses.d3 import warm_start
-from d3jax.models import get_model
 from d3jax.optim import tensor_norm
 
 NORM = train.Normalization((0.5,), (0.5,))
@@ -310,29 +306,11 @@ def test_defend_log(model, variables, tiny_set, rbg_key):
 
 
 @pytest.mark.slow
-def test_badnets_then_d3_on_digits(digits, rbg_key):
+def test_badnets_then_d3_on_digits(backdoor, rbg_key):
   """A BadNets small CNN on digits (ASR ≥ 0.8) loses its backdoor to D3 on a reserved 10% clean
   set (ASR < 0.3 and < half) while ACC stays ≥ 0.6; D3 sees only the reserved set."""
-  ds = digits
-  norm = train.Normalization(ds.mean, ds.std)
-  model = get_model("small_cnn", ds.num_classes, width=8)
-  poison_key, attack_key, reserve_key, defend_key = jax.random.split(rbg_key, 4)
-  poisoned, bd_test = poison_dataset(ds, BadNets(ds.image_shape), ratio=0.1, target=0,
-                                     key=poison_key)
-  attack = AttackTrainConfig(epochs=8, batch_size=64, learning_rate=0.1, cosine_t_max=8,
-                             crop_padding=1)
-  backdoored, _ = train_backdoored(model, poisoned, norm, attack, attack_key, progress=False)
-
-  def evaluate(variables):
-    return metrics.summarize(train.predict(model, variables, ds.x_test, norm), ds.y_test,
-                             train.predict(model, variables, bd_test.x, norm), bd_test.y,
-                             bd_test.y_orig)
-
-  before = evaluate(backdoored)
-  assert before.asr >= 0.8 and before.acc >= 0.85, before
-
-  reserved = draw_reserved(ds.y_train, 0.1, reserve_key)
-  x_reserved, y_reserved = subset(ds.x_train, ds.y_train, reserved)  # clean training images
+  model, norm, backdoored, x_reserved, y_reserved, evaluate, before = backdoor
+  defend_key = jax.random.fold_in(rbg_key, 3)
   config = D3Config(epochs=5, batch_size=16, learning_rate=0.02, crop_padding=1)
   defended, log = defend("d3", model, backdoored, x_reserved, y_reserved, normalization=norm,
                          key=defend_key, config=config, progress=False)
