@@ -56,6 +56,7 @@ def test_layout_marks_best_and_second_per_metric():
     ({"attacks": ("badnets", "badnets")}, "attacks"),
     ({"seeds": 0}, "seeds"),
     ({"defense_epochs": -1}, "defense_epochs"),
+    ({"ratios": {"sig": 0.05}}, "ratios"),
     ({"reserved_ratio": 0.0}, "reserved ratio"),
 ])
 def test_spec_rejects_bad_settings(settings, match):
@@ -65,8 +66,11 @@ def test_spec_rejects_bad_settings(settings, match):
 
 def test_table_command_parses():
   command = cli.parse(["table", "--out", "x", "--dataset", "digits", "--attacks", "badnets",
-                       "--defenses", "ft", "fp", "--seeds", "3", "--epochs", "2"])
+                       "--defenses", "ft", "fp", "--seeds", "3", "--epochs", "2",
+                       "--model-options", "width", "8", "--ratios", "badnets", "0.2"])
   assert isinstance(command, cli.TableCommand)
+  run = command.spec.attack_run("badnets", 1)
+  assert run.model_options == {"width": 8} and run.ratio == 0.2 and run.seed == 1
   assert command.spec.defenses == ("ft", "fp") and command.spec.seeds == 3
   assert command.spec.train.epochs == 2
 
