@@ -46,7 +46,8 @@ class TableSpec:
       clean-label attack, which can poison at most its target class.
     target: target class of every attack.
     train: the attacks' training recipe.
-    defense_epochs: overrides every defense's ``epochs`` (0: each defense's own default).
+    defense_epochs: caps every defense's ``epochs`` at this many (a defense with fewer by default,
+      e.g. i-BAU's 5, keeps its own; 0: no cap), for tables that must fit a compute budget.
     reserved_ratio: the defender's share of the clean training set (drawn with each cell's seed).
     holdout: the share of the reserved set held out from the defense's training (its held-out
       loss and accuracy are recorded per epoch; FP also splits its own training data).
@@ -77,7 +78,7 @@ class TableSpec:
     check_field(isinstance(self.seeds, int) and not isinstance(self.seeds, bool) and self.seeds >= 1,
                 "seeds", self.seeds, "an integer ≥ 1")
     check_field(isinstance(self.defense_epochs, int) and self.defense_epochs >= 0, "defense_epochs",
-                self.defense_epochs, "an integer ≥ 0 (0: each defense's default)")
+                self.defense_epochs, "an integer ≥ 0 (0: no cap)")
     self.reserved(0)
 
   def attack_run(self, attack: str, seed: int) -> AttackRun:
@@ -89,7 +90,10 @@ class TableSpec:
     return ReservedSplit(ratio=self.reserved_ratio, holdout=self.holdout, seed=seed)
 
   def defense_config(self, name: str) -> Any:
-    return defenses.get(name, **({"epochs": self.defense_epochs} if self.defense_epochs else {}))
+    default = defenses.get(name)
+    if self.defense_epochs and default.epochs > self.defense_epochs:
+      return dataclasses.replace(default, epochs=self.defense_epochs)
+    return default
 
 
 def _finished_or_resume(path: Path, expected: dict, what: str) -> bool | None:

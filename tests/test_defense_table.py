@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from d3jax import cli, runs, table
+from d3jax import cli, defenses, runs, table
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.table import TableSpec
 
@@ -62,6 +62,13 @@ def test_layout_marks_best_and_second_per_metric():
 def test_spec_rejects_bad_settings(settings, match):
   with pytest.raises(ValueError, match=match):
     TableSpec(**settings)
+
+
+def test_defense_epochs_caps_but_never_raises_a_defense_s_epochs():
+  spec = TableSpec(defenses=("ft", "i-bau"), defense_epochs=20)
+  assert spec.defense_config("ft").epochs == 20
+  assert spec.defense_config("i-bau").epochs == defenses.get("i-bau").epochs == 5
+  assert TableSpec(defenses=("ft",)).defense_config("ft").epochs == defenses.get("ft").epochs
 
 
 def test_table_command_parses():
