@@ -83,13 +83,15 @@ def shared_loss(adv_logits: jax.Array, ref_adv_pred: jax.Array, ref_clean_pred: 
 
 
 def shared_pgd(logits_of, params: PyTree, reference: PyTree, x: jax.Array, labels: jax.Array,
-               mask: jax.Array, hparams: Hyperparams, steps: int) -> jax.Array:
+               mask: jax.Array, hparams: Hyperparams, steps: int,
+               ref_clean_pred: jax.Array | None = None) -> jax.Array:
   """δ for images ``x`` in [0, 1]: ``steps`` signed descent steps on :func:`pgd_loss` from +ε,
   kept in the L∞ ball of radius ε and with x + δ in [0, 1]. ``logits_of(params, x)`` maps [0, 1]
-  images to logits."""
+  images to logits; ``ref_clean_pred`` is the reference's prediction on x (computed if None)."""
   eps = hparams["eps"]
   clean_pred = logits_of(params, x).argmax(-1)
-  ref_clean_pred = logits_of(reference, x).argmax(-1)
+  if ref_clean_pred is None:
+    ref_clean_pred = logits_of(reference, x).argmax(-1)
 
   def objective(delta):
     return pgd_loss(logits_of(params, x + delta), logits_of(reference, x + delta), clean_pred,
@@ -119,10 +121,10 @@ class SAUProgram(Program):
       variables = join_variables(params, state.batch_stats)
       return self.model.apply(variables, (images - mean) / std, train=False)
 
-    delta = jax.lax.stop_gradient(shared_pgd(logits_of, state.params, reference, x, batch.label,
-                                             batch.mask, hparams, recipe.pgd_steps))
-    ref_adv_pred = logits_of(reference, x + delta).argmax(-1)
     ref_clean_pred = logits_of(reference, x).argmax(-1)
+    delta = jax.lax.stop_gradient(shared_pgd(logits_of, state.params, reference, x, batch.label,
+                                             batch.mask, hparams, recipe.pgd_steps, ref_clean_pred))
+    ref_adv_pred = logits_of(reference, x + delta).argmax(-1)
 
     def objective(params):
       both = logits_of(params, jnp.concatenate([x, x + delta]))
