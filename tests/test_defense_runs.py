@@ -99,10 +99,13 @@ def test_ibau_unlearns_in_eval_mode(backdoor):
 
 
 def test_anp_prunes_bn_channels_by_the_held_out_rule(backdoor):
-  """ANP trains masks and returns the original model with some BN scales zeroed (shifts and all
-  other parameters untouched), chosen by its held-out rule. (On this tiny CNN ANP does not
-  reliably lower the ASR; the mechanics are what is tested here.)"""
-  defended, log, _, _ = _defend(backdoor, "anp", epochs=2, holdout=0.2, acc_ratio=0.3)
+  """ANP lowers the ASR by returning the original model with some BN scales zeroed (shifts and
+  all other parameters untouched), chosen by its held-out rule. On this 48-channel CNN the
+  published noise ε = 0.4 wrecks every prediction (loss ≈ 4 throughout); ε = 0.2 and a mask rate
+  of 0.2 (the reference's 2,000 steps are 80 here) make the masks separate."""
+  defended, log, before, after = _defend(backdoor, "anp", epochs=10, holdout=0.2, acc_ratio=0.2,
+                                         eps=0.2, learning_rate=0.2)
+  assert after.asr < 0.4 and after.asr < 0.5 * before.asr and after.acc >= 0.6, (before, after)
   original = backdoor[2]["params"]
   accuracies = np.asarray(log["holdout_acc"])
   assert len(accuracies) == 20 and np.all(np.isfinite(log["losses"]))
