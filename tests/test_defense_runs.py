@@ -68,7 +68,7 @@ def test_fp_prunes_then_fine_tunes(backdoor):
 
 def test_nc_flags_the_target_and_unlearns(backdoor):
   """NC flags the BadNets target (label 0) and no other, and unlearning lowers the ASR."""
-  _, log, before, after = _defend(backdoor, "nc", nc_epochs=40, epochs=5, learning_rate=0.02)
+  _, log, before, after = _defend(backdoor, "nc", nc_epochs=20, epochs=5, learning_rate=0.02)
   assert log["flagged"] == [0] and not log["unchanged"], log["anomaly_index"]
   assert after.asr < 0.3 and after.acc >= 0.8, (before, after)
 
