@@ -86,6 +86,12 @@ def test_nad_default_layers_are_read_once_per_forward_pass():
   assert f3.shape == (2, 4, 4, 16) and f4.shape == (2, 2, 2, 32)
   with pytest.raises(ValueError, match="layer 'layer5_0' was called 0 times"):
     jax.eval_shape(lambda v: apply_recording(resnet, v, x, ("layer5_0",), train=False), variables)
+  # A whole NAD step on PreAct-ResNet18 in train mode traces (shapes only, nothing compiled).
+  program = NADProgram(resnet, NADConfig(batch_size=2), train.Normalization((0.5,) * 3, (0.5,) * 3))
+  batch = train.Batch(jnp.zeros((2, 16, 16, 3), jnp.uint8), jnp.zeros(2, jnp.int32), jnp.ones(2, bool))
+  state = jax.eval_shape(lambda v: program.init(v, 2, jax.random.key(0, impl="rbg")), variables)
+  _, metrics = jax.eval_shape(program.step, state, batch)
+  assert metrics["loss"].shape == ()
 
 
 # SAU.

@@ -1,6 +1,6 @@
 """NAD — Neural Attention Distillation (Li, Lyu, Koren, Lyu, Li & Ma, "Neural attention
-distillation: erasing backdoor triggers from deep neural networks", ICLR 2021, §3, Eq. (1)–(3)),
-as BackdoorBench's ``defense/nad.py`` runs it.
+distillation: erasing backdoor triggers from deep neural networks", ICLR 2021, method section:
+the attention operator A^p_sum and the NAD loss), as BackdoorBench's ``defense/nad.py`` runs it.
 
 1. Teacher: the backdoored model fine-tuned on the reserved set with FT's recipe (SGD lr 0.01,
    momentum 0.9, weight decay 5e-4, cosine with T_max = 100 per epoch, batch 256, BN in train
@@ -9,8 +9,8 @@ as BackdoorBench's ``defense/nad.py`` runs it.
    with SGD at a constant lr 0.01 (momentum 0.9, weight decay 5e-4), BN in train mode for the
    student and eval mode for the teacher; the last model is kept. The attention map of a feature
    map F (H×W×C) is A(F) = Σ_c |F_c|^p (p = 2) flattened over H·W and divided by its L2 norm
-   (+1e-6) (Eq. (1)–(2)); AT is the mean squared difference of the two maps (Eq. (3)), averaged
-   over the batch.
+   (+1e-6); AT is the mean squared difference of the two maps (the paper's L2 distance of the
+   normalised maps, squared and averaged as in the reference), averaged over the batch.
 
 Layers: for PreAct-ResNet18 the outputs of stages 3 and 4 (``layer3_1``, ``layer4_1``) with
 β = 500 and 1000, BackdoorBench's choice for that model. For the small CNN (not in
@@ -51,8 +51,8 @@ PyTree = Any
 
 
 def attention_map(features: jax.Array, power: jax.Array | float) -> jax.Array:
-  """A(F) = Σ_c |F_c|^p per position, flattened to (N, H·W) and divided by its L2 norm + 1e-6
-  (NAD Eq. (1)–(2)). ``features`` is (N, H, W, C), or (N, C) for a 1×1 map."""
+  """A(F) = Σ_c |F_c|^p per position (NAD's A^p_sum), flattened to (N, H·W) and divided by its
+  L2 norm + 1e-6. ``features`` is (N, H, W, C), or (N, C) for a 1×1 map."""
   energy = jnp.sum(jnp.abs(features) ** power, axis=-1).reshape(features.shape[0], -1)
   norm = jnp.sqrt(jnp.maximum(jnp.sum(energy * energy, axis=-1, keepdims=True), 1e-24))
   return energy / (norm + 1e-6)
@@ -61,7 +61,7 @@ def attention_map(features: jax.Array, power: jax.Array | float) -> jax.Array:
 def attention_loss(student: Sequence[jax.Array], teacher: Sequence[jax.Array], betas: jax.Array,
                    power: jax.Array | float, mask: jax.Array) -> jax.Array:
   """Σ_k β_k·AT_k with AT_k the mean over positions of (A(F_s^k) − A(F_t^k))², averaged over the
-  valid samples (NAD Eq. (3)); the teacher's maps carry no gradient."""
+  valid samples (the NAD loss); the teacher's maps carry no gradient."""
   total = jnp.zeros((), jnp.float32)
   for k, (fs, ft) in enumerate(zip(student, teacher)):
     target = jax.lax.stop_gradient(attention_map(ft, power))

@@ -1,6 +1,7 @@
-"""SAU — Shared Adversarial Unlearning (Wei, Zha, Zha & Wu, "Shared adversarial unlearning:
-backdoor mitigation by unlearning shared adversarial examples", NeurIPS 2023, §4, Eq. (7)–(9),
-Algorithm 1), as BackdoorBench's ``defense/sau.py`` runs it.
+"""SAU — Shared Adversarial Unlearning (Wei, Zhang, Zha & Wu, "Shared adversarial unlearning:
+backdoor mitigation by unlearning shared adversarial examples", NeurIPS 2023: the shared
+adversarial risk, its relaxed unlearning objective and the SAU algorithm of its method section),
+as BackdoorBench's ``defense/sau.py`` runs it.
 
 The model is trained while a frozen copy of the backdoored model, f_ref, stays as it was (its
 params live in the optimizer state, :func:`d3jax.optim.keep_reference`). Both are in eval mode
@@ -16,7 +17,7 @@ params live in the optimizer state, :func:`d3jax.optim.keep_reference`). Both ar
    1·CE(f(x), y) + 0·CE(f(x'), y) + 1·L_shared, where for the samples whose x' fools f_ref to a
    wrong label c = f_ref(x') (c ≠ y and c ≠ f_ref(x)),
    L_shared = (1/2B)·Σ [−log(1e-6 + min(1 − p_c, 0.999)) − log(1 + 1e-6 − max(p_c, 0.001))],
-   p = softmax f(x'): the relaxed Eq. (9), pushing f away from f_ref's adversarial label.
+   p = softmax f(x'): the relaxed shared-adversarial risk, pushing f off f_ref's adversarial label.
 ``epochs`` counts passes over the reserved set (the reference's 100 rounds), batch 256; the last
 model is kept.
 
