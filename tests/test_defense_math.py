@@ -199,6 +199,8 @@ def test_registry_has_the_baselines():
   nad = defenses.get("nad")
   assert (nad.teacher_epochs, nad.epochs, nad.betas, nad.power, nad.learning_rate,
           nad.weight_decay) == (10, 10, (500.0, 1000.0), 2.0, 0.01, 5e-4)
+  from_json = defenses.get("nad", betas=[1.0, 2.0], layers=["conv2", "conv4"])  # lists, as in a config file
+  assert (from_json.betas, from_json.layers) == ((1.0, 2.0), ("conv2", "conv4")) and hash(from_json)
   sau = defenses.get("sau")
   assert (sau.eps, sau.pgd_lr, sau.pgd_steps, sau.pgd_adv_weight, sau.pgd_share_weight,
           sau.clean_weight, sau.adv_weight, sau.shared_weight, sau.learning_rate, sau.epochs,
