@@ -232,11 +232,22 @@ class Program:
     return TrainState(step=jnp.zeros((), jnp.int32), steps_per_epoch=steps_per_epoch, params=params,
                       batch_stats=batch_stats, opt_state=opt_state, hparams=hparams, key=key)
 
+  def step_key(self, state: TrainState) -> jax.Array:
+    """The key of this step's augmentation, dropout and other draws: fold_in(key, 0, step)."""
+    return jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
+
+  def apply_gradients(self, state: TrainState, grads: PyTree, batch_stats: PyTree) -> TrainState:
+    """``state`` after one step of the recipe's optimizer with ``grads``, carrying the forward
+    pass's ``batch_stats``."""
+    tx = self.recipe.optimizer(state.hparams, state.steps_per_epoch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                         batch_stats=batch_stats, opt_state=opt_state)
+
   def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on ``batch`` (augmented and normalized here)."""
     recipe = self.recipe
-    key = jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
-    augment_key, dropout_key = jax.random.split(key)
+    augment_key, dropout_key = jax.random.split(self.step_key(state))
     x = augment(batch.image, augment_key, crop_padding=recipe.crop_padding, flip=recipe.flip)
     x = normalize(x, self.normalization.mean, self.normalization.std)
 
@@ -247,11 +258,7 @@ class Program:
       return recipe.loss(logits, batch.label, batch.mask, state.hparams), updated
 
     (loss, updated), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    tx = recipe.optimizer(state.hparams, state.steps_per_epoch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=updated.get("batch_stats", state.batch_stats),
-                          opt_state=opt_state)
+    state = self.apply_gradients(state, grads, updated.get("batch_stats", state.batch_stats))
     return state, {"loss": loss}
 
   def epoch(self, state: TrainState, images: jax.Array, labels: jax.Array

@@ -195,7 +195,16 @@ def test_keep_pruned_holds_zeros_through_momentum_and_decay():
 
 def test_registry_has_the_baselines():
   assert set(defenses.names()) == {"ft", "d3", "ft-sam", "nft", "fst", "super-ft", "fp", "nc",
-                                   "i-bau", "anp"}
+                                   "i-bau", "anp", "nad", "sau"}
+  nad = defenses.get("nad")
+  assert (nad.teacher_epochs, nad.epochs, nad.betas, nad.power, nad.learning_rate,
+          nad.weight_decay) == (10, 10, (500.0, 1000.0), 2.0, 0.01, 5e-4)
+  from_json = defenses.get("nad", betas=[1.0, 2.0], layers=["conv2", "conv4"])  # lists, as in a config file
+  assert (from_json.betas, from_json.layers) == ((1.0, 2.0), ("conv2", "conv4")) and hash(from_json)
+  sau = defenses.get("sau")
+  assert (sau.eps, sau.pgd_lr, sau.pgd_steps, sau.pgd_adv_weight, sau.pgd_share_weight,
+          sau.clean_weight, sau.adv_weight, sau.shared_weight, sau.learning_rate, sau.epochs,
+          sau.crop_padding, sau.train_mode) == (0.2, 0.2, 5, 0.01, 1.0, 1.0, 0.0, 1.0, 1e-4, 100, 0, False)
   assert defenses.get("ft-sam").rho == 2.0 and defenses.get("ft-sam").label_smoothing == 0.1
   nft = defenses.get("nft")
   assert (nft.clamp_alpha, nft.clamp_beta, nft.l1, nft.mixup_alpha, nft.learning_rate,
@@ -225,6 +234,16 @@ def test_registry_has_the_baselines():
     ("i-bau", "train_mode", True, "train_mode must be False"),
     ("nc", "nc_epochs", 0, "nc_epochs must be an integer ≥ 1"),
     ("nc", "cost_multiplier", 1.0, "cost_multiplier must be > 1"),
+    ("nad", "teacher_epochs", 0, "teacher_epochs must be an integer ≥ 1"),
+    ("nad", "power", 0.0, "power must be > 0"),
+    ("nad", "betas", (), "betas must be a non-empty tuple of numbers ≥ 0"),
+    ("nad", "betas", (500.0, -1.0), "betas must be a non-empty tuple of numbers ≥ 0"),
+    ("nad", "layers", ("layer4_1",), r"layers must have one entry per beta \(2\)"),
+    ("nad", "layers", ("", "x"), "layers must be module paths"),
+    ("sau", "train_mode", True, "train_mode must be False"),
+    ("sau", "eps", 1.5, r"eps must be in \[0, 1\]"),
+    ("sau", "pgd_steps", 0, "pgd_steps must be an integer ≥ 1"),
+    ("sau", "shared_weight", -1.0, "shared_weight must be ≥ 0"),
 ])
 def test_baseline_configs_reject_invalid_fields(name, field, value, match):
   with pytest.raises(ValueError, match=match):
@@ -237,14 +256,14 @@ def test_no_defense_stage_takes_test_data():
   expected = ["self", "model", "variables", "images", "labels", "normalization", "key", "progress",
               "callback", "restore"]
   staged = [cls for cls in defenses.REGISTRY.values() if hasattr(cls, "defend")]
-  assert {FPConfig, NCConfig, anp.ANPConfig} <= set(staged)
+  assert {FPConfig, NCConfig, anp.ANPConfig, defenses.NADConfig} <= set(staged)
   for cls in staged:
     assert list(inspect.signature(cls.defend).parameters) == expected, cls
 
 
 def test_staged_defenses_have_no_single_program():
-  """FP, NC and ANP run in stages: asking for their program (e.g. to sweep it) is refused."""
-  for name in ("fp", "nc", "anp"):
+  """FP, NC, ANP and NAD run in stages: asking for their program (e.g. to sweep it) is refused."""
+  for name in ("fp", "nc", "anp", "nad"):
     with pytest.raises(ValueError, match=f"defense '{name}' runs in stages"):
       defenses.program(name, None, None)
 

@@ -68,7 +68,7 @@ def test_fp_prunes_then_fine_tunes(backdoor):
 
 def test_nc_flags_the_target_and_unlearns(backdoor):
   """NC flags the BadNets target (label 0) and no other, and unlearning lowers the ASR."""
-  _, log, before, after = _defend(backdoor, "nc", nc_epochs=40, epochs=5, learning_rate=0.02)
+  _, log, before, after = _defend(backdoor, "nc", nc_epochs=20, epochs=5, learning_rate=0.02)
   assert log["flagged"] == [0] and not log["unchanged"], log["anomaly_index"]
   assert after.asr < 0.3 and after.acc >= 0.8, (before, after)
 
@@ -99,10 +99,13 @@ def test_ibau_unlearns_in_eval_mode(backdoor):
 
 
 def test_anp_prunes_bn_channels_by_the_held_out_rule(backdoor):
-  """ANP trains masks and returns the original model with some BN scales zeroed (shifts and all
-  other parameters untouched), chosen by its held-out rule. (On this tiny CNN ANP does not
-  reliably lower the ASR; the mechanics are what is tested here.)"""
-  defended, log, _, _ = _defend(backdoor, "anp", epochs=2, holdout=0.2, acc_ratio=0.3)
+  """ANP lowers the ASR by returning the original model with some BN scales zeroed (shifts and
+  all other parameters untouched), chosen by its held-out rule. On this 48-channel CNN the
+  published noise ε = 0.4 wrecks every prediction (loss ≈ 4 throughout); ε = 0.2 and a mask rate
+  of 0.2 (the reference's 2,000 steps are 80 here) make the masks separate."""
+  defended, log, before, after = _defend(backdoor, "anp", epochs=10, holdout=0.2, acc_ratio=0.2,
+                                         eps=0.2, learning_rate=0.2)
+  assert after.asr < 0.4 and after.asr < 0.5 * before.asr and after.acc >= 0.6, (before, after)
   original = backdoor[2]["params"]
   accuracies = np.asarray(log["holdout_acc"])
   assert len(accuracies) == 20 and np.all(np.isfinite(log["losses"]))
@@ -117,3 +120,22 @@ def test_anp_prunes_bn_channels_by_the_held_out_rule(backdoor):
     zeroed += int(np.sum((scale == 0) & (before != 0)))
   assert zeroed == log["pruned"]
   np.testing.assert_array_equal(defended["params"]["linear"]["kernel"], original["linear"]["kernel"])
+
+
+def test_nad_distils_the_fine_tuned_teacher(backdoor):
+  """NAD (a 5-epoch fine-tuned teacher, 5 epochs of distillation on the small CNN's two stages)
+  lowers the ASR while the clean accuracy holds."""
+  _, log, before, after = _defend(backdoor, "nad", teacher_epochs=5, epochs=5, learning_rate=0.02)
+  assert after.asr < 0.3 and after.asr < 0.5 * before.asr and after.acc >= 0.85, (before, after)
+  assert log["layers"] == ["bn2", "bn4"] and len(log["teacher_losses"]) == 5
+  assert len(log["losses"]) == 5 and np.all(np.isfinite(log["losses"]))
+
+
+def test_sau_unlearns_shared_adversarial_examples(backdoor):
+  """SAU lowers the ASR; BN running statistics are untouched (eval mode throughout). In this
+  short budget the published ε = 0.2 leaves the ASR near 0.7 on 16×16 digits; ε = 0.3 is used."""
+  defended, log, before, after = _defend(backdoor, "sau", epochs=10, learning_rate=3e-3, eps=0.3,
+                                         pgd_lr=0.3, crop_padding=0)
+  assert after.asr < 0.4 and after.asr < 0.5 * before.asr and after.acc >= 0.75, (before, after)
+  jax.tree.map(np.testing.assert_array_equal, defended["batch_stats"], backdoor[2]["batch_stats"])
+  assert len(log["losses"]) == 10 and np.all(np.isfinite(log["losses"]))

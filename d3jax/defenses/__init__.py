@@ -26,12 +26,15 @@ from d3jax.defenses.nc import NCConfig
 from d3jax.defenses.ft import FTConfig
 from d3jax.defenses.ft_sam import FTSAMConfig
 from d3jax.defenses.ibau import IBAUConfig
+from d3jax.defenses.nad import NADConfig
 from d3jax.defenses.nft import NFTConfig
+from d3jax.defenses.sau import SAUConfig
 from d3jax.defenses.super_ft import SuperFTConfig
 from d3jax.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
-                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "i-bau": IBAUConfig, "anp": ANPConfig, "super-ft": SuperFTConfig}
+                             "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "i-bau": IBAUConfig, "anp": ANPConfig, "super-ft": SuperFTConfig,
+                             "nad": NADConfig, "sau": SAUConfig}
 
 
 def names() -> tuple[str, ...]:
@@ -128,5 +131,5 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
 from d3jax.defenses.auto import auto  # noqa: E402  (auto uses the helpers above)
 
 __all__ = ["ANPConfig", "D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig",
-           "NCConfig", "NFTConfig", "REGISTRY", "SuperFTConfig", "auto", "check_reserved", "defend",
+           "NADConfig", "NCConfig", "NFTConfig", "REGISTRY", "SAUConfig", "SuperFTConfig", "auto", "check_reserved", "defend",
            "get", "names", "program", "resolve"]

@@ -38,7 +38,7 @@ from d3jax.data.splits import split_holdout
 from d3jax.defenses.checks import check_fields, check_select
 from d3jax.optim.masks import neuron_masks
 from d3jax.optim.selection import select_mask
-from d3jax.train import (_STEP_STREAM, Batch, EpochCallback, Hyperparams, Normalization, Program,
+from d3jax.train import (Batch, EpochCallback, Hyperparams, Normalization, Program,
                          Restore, TrainState, cross_entropy, join_variables, predict, train)
 
 PyTree = Any
@@ -67,8 +67,7 @@ class ANPProgram(Program):
 
   def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     recipe, hparams = self.recipe, state.hparams
-    key = jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
-    augment_key, scale_key, shift_key = jax.random.split(key, 3)
+    augment_key, scale_key, shift_key = jax.random.split(self.step_key(state), 3)
     x = augment(batch.image, augment_key, crop_padding=recipe.crop_padding, flip=recipe.flip)
     x = normalize(x, self.normalization.mean, self.normalization.std)
     reference = state.opt_state.reference
@@ -94,10 +93,7 @@ class ANPProgram(Program):
       return hparams["alpha"] * loss_at(params, zero) + (1 - hparams["alpha"]) * loss_at(params, noise)
 
     loss, grads = jax.value_and_grad(objective)(state.params)
-    tx = recipe.optimizer(hparams, state.steps_per_epoch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state), {"loss": loss}
+    return self.apply_gradients(state, grads, state.batch_stats), {"loss": loss}
 
 
 @dataclasses.dataclass(frozen=True)

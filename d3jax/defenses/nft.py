@@ -30,7 +30,7 @@ import optax
 from d3jax.data.augment import augment, normalize
 from d3jax.optim.masks import mask_penalty, neuron_masks
 from d3jax.defenses.checks import check_fields, check_select
-from d3jax.train import (_STEP_STREAM, Batch, Hyperparams, Program, TrainState, cross_entropy,
+from d3jax.train import (Batch, Hyperparams, Program, TrainState, cross_entropy,
                          join_variables)
 
 PyTree = Any
@@ -48,8 +48,7 @@ class NFTProgram(Program):
 
   def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     recipe, hparams = self.recipe, state.hparams
-    key = jax.random.fold_in(jax.random.fold_in(state.key, _STEP_STREAM), state.step)
-    augment_key, lam_key, perm_key, dropout_key = jax.random.split(key, 4)
+    augment_key, lam_key, perm_key, dropout_key = jax.random.split(self.step_key(state), 4)
     x = augment(batch.image, augment_key, crop_padding=recipe.crop_padding, flip=recipe.flip)
     x = normalize(x, self.normalization.mean, self.normalization.std)
     lam = jax.random.beta(lam_key, hparams["mixup_alpha"], hparams["mixup_alpha"])
@@ -66,11 +65,7 @@ class NFTProgram(Program):
       return loss + hparams["l1"] / per_class * mask_penalty(params, state.opt_state), updated
 
     (loss, updated), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    tx = recipe.optimizer(hparams, state.steps_per_epoch)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                          batch_stats=updated.get("batch_stats", state.batch_stats),
-                          opt_state=opt_state)
+    state = self.apply_gradients(state, grads, updated.get("batch_stats", state.batch_stats))
     return state, {"loss": loss}
 
 
