@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The "Done when" runs of the sweeps-and-analyses issue, on the demo's recipe (mnist5k, small CNN
 # width 16, 8 attack epochs, D3/FT with batch 32 and their 100 epochs). Hours on a 2-core CPU.
-#   1. a λ × ε grid of 30 D3 configurations × 3 seeds as one command, then the same runs one by one;
+#   1. a λ × ε grid of 30 D3 configurations (× GRID_SEEDS seeds, default 1: the grid of 90 runs
+#      takes about 2 h here under load) as one command, then the same runs one by one;
 #   2. every analysis PNG for the demo's BadNets and Blended models, from the CLI;
 #   3. the test-free choice of λ and ε against the grid's best in hindsight.
 # Results go to experiments/results/ (PNG copies included); look at each PNG.
@@ -25,7 +26,7 @@ for attack in badnets blended; do
 done
 
 $D3JAX sweep --attack-run "$RUNS/badnets" --out "$RUNS/badnets-d3-grid" --overwrite \
-    --grid lmd=1,10,20,30,40 eps=0,0.1,0.2,0.3,0.4,0.5 --seeds 3 d3 --batch-size 32 \
+    --grid lmd=1,10,20,30,40 eps=0,0.1,0.2,0.3,0.4,0.5 --seeds "${GRID_SEEDS:-1}" d3 --batch-size 32 \
     | tee "$RESULTS/sweep_grid_table.txt"
 cp "$RUNS/badnets-d3-grid/heatmap.png" "$RESULTS/sweep_grid_heatmap.png"
 cp "$RUNS/badnets-d3-grid/results.csv" "$RESULTS/sweep_grid.csv"
