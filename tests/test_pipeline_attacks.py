@@ -21,6 +21,7 @@ EXTRA = {
     "sig": ["--ratio", "0.05"],
     "ssba": ["--attack-options", "bits", "8", "width", "4", "steps", "5", "batch_size", "16"],
     "trojannn": ["--attack-options", "steps", "5"],
+    "input_aware": ["--attack-options", "width", "4", "depth", "1", "mask_epochs", "1"],
 }
 
 
