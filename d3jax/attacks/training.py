@@ -46,8 +46,9 @@ def build_trigger(attack: Any, dataset: Dataset, *, model: nn.Module, normalizat
   trigger against a clean model gets ``clean``, or, when that is None, ``model`` trained on the
   clean training set with ``config`` (:func:`train_clean`); one that needs clean images only gets
   the training images. None for an attack whose trigger is trained with the model
-  (``trained_trigger``, as input-aware's generators): its program gives it after training."""
-  if getattr(attack, "trained_trigger", False):
+  (``trained_trigger``, as input-aware's generators): its program gives it after training; None
+  too for pre-generated poisoned images (SSBA's ``train_file``/``test_file``)."""
+  if getattr(attack, "trained_trigger", False) or getattr(attack, "pregenerated", False):
     return None
   clean_key, trigger_key = jax.random.split(key)
   if clean is None and attack.crafts_on == "model":
@@ -72,7 +73,12 @@ def attack_sets(attack: Any, trigger: Trigger | None, dataset: Dataset, *, ratio
   trains on ``dataset`` poisoned with ``trigger`` (:func:`d3jax.attacks.poison_dataset` with
   ``key``); one whose program poisons every batch itself (WaNet) trains on the clean set. The
   backdoor test set is None when the trigger is trained with the model (``trigger`` None).
+  Pre-generated poisoned images (``attack.pregenerated``) replace the drawn samples by index.
   """
+  if getattr(attack, "pregenerated", False):
+    train_images, test_images = attack.load_pregenerated(dataset)
+    return poison_dataset(dataset, train_images, ratio=ratio, target=target, label_mode=label_mode,
+                          key=key, test_trigger=test_images)
   if attack.kind == "training" and attack.trains_on == "clean":
     if trigger is None:
       return clean_set(dataset), None
