@@ -108,7 +108,7 @@ def test_training_is_deterministic_under_a_key(tiny_set, rbg_key):
     ({"lambda_div": -1.0}, r"^input_aware lambda_div must be ≥ 0, got -1\.0\.$"),
     ({"mask_density": 2.0}, r"^input_aware mask_density must be in \[0, 1\], got 2\.0\.$"),
     ({"gamma": 0.0}, r"^input_aware gamma must be in \(0, 1\], got 0\.0\.$"),
-    ({"mask_milestones": (0,)}, r"^input_aware mask_milestones must be integer epochs ≥ 1, got \(0,\)\.$"),
+    ({"mask_milestones": "10,x"}, r"^input_aware mask_milestones must be comma-separated epochs ≥ 1, got '10,x'\.$"),
 ])
 def test_config_errors(options, message):
   with pytest.raises(ValueError, match=message):

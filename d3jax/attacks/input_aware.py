@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from d3jax.attacks.training import AttackTrainConfig
+from d3jax.attacks.training import AttackTrainConfig, BatchPoisonTraining
 from d3jax.attacks.triggers import ImageShape, _check_batch, _image_shape
 from d3jax.data.augment import augment, normalize
 from d3jax.models.conv import Conv, max_pool_2x2
@@ -100,6 +100,17 @@ def step_decay(base: jax.Array, epoch: jax.Array, milestones: tuple[int, ...],
   return base * gamma ** passed
 
 
+def milestones(text: str, field: str = "milestones") -> tuple[int, ...]:
+  """Comma-separated epochs ≥ 1 ("" for none) as a tuple; ValueError naming ``field`` else."""
+  try:
+    epochs = tuple(int(part) for part in text.split(",")) if text.strip() else ()
+  except (AttributeError, ValueError):
+    epochs = (0,)
+  if any(epoch < 1 for epoch in epochs):
+    raise ValueError(f"input_aware {field} must be comma-separated epochs ≥ 1, got {text!r}.")
+  return epochs
+
+
 def adam_step(params: PyTree, grads: PyTree, opt_state: PyTree, learning_rate: jax.Array
               ) -> tuple[PyTree, PyTree]:
   """One Adam step with β = (0.5, 0.9), the authors' setting for both generators."""
@@ -137,8 +148,9 @@ class InputAwareConfig:
     mask_density: the mask density below which the density loss is zero.
     generator_lr: Adam learning rate of the pattern generator.
     mask_lr: Adam learning rate of the mask generator.
-    generator_milestones: epochs at which the pattern generator's rate is multiplied by ``gamma``.
-    mask_milestones: mask pre-training epochs at which the mask generator's rate is.
+    generator_milestones: comma-separated epochs at which the pattern generator's rate is
+      multiplied by ``gamma`` (empty: never).
+    mask_milestones: the same for the mask generator, in mask pre-training epochs.
     gamma: the step-decay factor.
   """
 
@@ -151,8 +163,8 @@ class InputAwareConfig:
   mask_density: float = 0.032
   generator_lr: float = 0.01
   mask_lr: float = 0.01
-  generator_milestones: tuple[int, ...] = (200, 300, 400, 500)
-  mask_milestones: tuple[int, ...] = (10, 20)
+  generator_milestones: str = "200,300,400,500"
+  mask_milestones: str = "10,20"
   gamma: float = 0.1
   name: ClassVar[str] = "input_aware"
   label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
@@ -179,10 +191,7 @@ class InputAwareConfig:
     if not 0 < self.gamma <= 1:
       raise ValueError(f"input_aware gamma must be in (0, 1], got {self.gamma!r}.")
     for field in ("generator_milestones", "mask_milestones"):
-      value = tuple(getattr(self, field))
-      if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in value):
-        raise ValueError(f"input_aware {field} must be integer epochs ≥ 1, got {value!r}.")
-      object.__setattr__(self, field, value)
+      milestones(getattr(self, field), field)
 
   def generators(self, channels: int) -> tuple[Generator, Generator]:
     """(pattern generator G, mask generator M) for images of ``channels`` channels."""
@@ -218,31 +227,19 @@ class InputAwareConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class InputAwareTraining(AttackTrainConfig):
+class InputAwareTraining(BatchPoisonTraining):
   """The classifier's recipe plus the attack's; the attack's numbers are hyperparameters (arrays
   in the state), the sample counts per batch are static.
 
   Attributes:
-    attack: the input-aware config.
-    ratio: share of each batch that is backdoored (p_a).
-    target: the target class (all2one).
-    label_mode: ``"all2one"`` or ``"all2all"`` ((y + 1) mod num_classes).
-    num_classes: the number of classes.
+    attack: the input-aware config; ``ratio`` (p_a) and the rest as
+      :class:`d3jax.attacks.training.BatchPoisonTraining`.
   """
   attack: InputAwareConfig = InputAwareConfig()
-  ratio: float = 0.1
-  target: int = 0
-  label_mode: str = "all2one"
-  num_classes: int = 10
+  title: ClassVar[str] = "input_aware"
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    if self.label_mode not in InputAwareConfig.label_modes:
-      raise ValueError(f"input_aware supports label_mode "
-                       f"{', '.join(InputAwareConfig.label_modes)}, got {self.label_mode!r}.")
-    if not 0 <= self.target < self.num_classes:
-      raise ValueError(
-          f"input_aware target must be a class in [0, {self.num_classes}), got {self.target}.")
     backdoor, cross = self.counts
     if backdoor + cross > self.batch_size // 2:
       raise ValueError(
@@ -326,7 +323,8 @@ class InputAwareProgram(Program):
       return hp["lambda_norm"] * density + hp["lambda_div"] * diversity, updated
 
     (loss, updated), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    lr = step_decay(hp["mask_lr"], epoch, self.recipe.attack.mask_milestones, hp["gamma"])
+    lr = step_decay(hp["mask_lr"], epoch, milestones(self.recipe.attack.mask_milestones),
+                    hp["gamma"])
     params, opt = adam_step(params, grads, state.mask_opt, lr)
     mask = join_variables(params, updated.get("batch_stats", stats))
     return state.replace(mask=mask, mask_opt=opt), loss
@@ -375,7 +373,8 @@ class InputAwareProgram(Program):
     tx = recipe.optimizer(hp, state.steps_per_epoch)
     updates, opt_state = tx.update(c_grads, state.opt_state, state.params)
     epoch = state.step // state.steps_per_epoch
-    lr = step_decay(hp["generator_lr"], epoch, recipe.attack.generator_milestones, hp["gamma"])
+    lr = step_decay(hp["generator_lr"], epoch, milestones(recipe.attack.generator_milestones),
+                    hp["gamma"])
     g_params, g_opt = adam_step(g_params, g_grads, state.generator_opt, lr)
     state = state.replace(
         step=state.step + 1, params=optax.apply_updates(state.params, updates),
@@ -404,11 +403,7 @@ def poison_rows(x: jax.Array, labels: jax.Array, patterns: jax.Array, masks: jax
   backdoor, cross = recipe.counts
   triggered = blend(x[:backdoor + cross], patterns, masks)
   inputs = jnp.concatenate([triggered, x[backdoor + cross:]])
-  if recipe.label_mode == "all2one":
-    new = jnp.full((backdoor,), recipe.target, labels.dtype)
-  else:
-    new = (labels[:backdoor] + 1) % recipe.num_classes
-  return inputs, jnp.concatenate([new, labels[backdoor:]])
+  return inputs, jnp.concatenate([recipe.backdoor_labels(labels[:backdoor]), labels[backdoor:]])
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -10,10 +10,11 @@ masked) instead of dropped.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from d3jax.attacks.clean import CleanModel
@@ -28,6 +29,40 @@ from d3jax.train import (EpochCallback, Normalization, Program, Restore, SGDConf
 class AttackTrainConfig(SGDConfig):
   """BackdoorBench's CIFAR-10 backdoor-training recipe: as FT's, at batch 128."""
   batch_size: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPoisonTraining(AttackTrainConfig):
+  """The recipe of an attack whose program poisons part of every batch itself (WaNet,
+  input-aware): the classifier's recipe plus the backdoor samples' share, target and label map.
+  Subclasses add ``attack`` (their config, with ``label_modes``) and name themselves in ``title``.
+
+  Attributes:
+    ratio: share of each batch that is backdoored.
+    target: the target class (all2one).
+    label_mode: ``"all2one"`` or ``"all2all"`` ((y + 1) mod num_classes).
+    num_classes: the number of classes.
+  """
+  ratio: float = 0.1
+  target: int = 0
+  label_mode: str = "all2one"
+  num_classes: int = 10
+  title: ClassVar[str] = "attack"
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    modes = self.attack.label_modes  # type: ignore[attr-defined]
+    if self.label_mode not in modes:
+      raise ValueError(f"{self.title} supports label_mode {', '.join(modes)}, got {self.label_mode!r}.")
+    if not 0 <= self.target < self.num_classes:
+      raise ValueError(
+          f"{self.title} target must be a class in [0, {self.num_classes}), got {self.target}.")
+
+  def backdoor_labels(self, labels: jax.Array) -> jax.Array:
+    """The labels backdoor samples of true ``labels`` are trained with."""
+    if self.label_mode == "all2one":
+      return jnp.full(labels.shape, self.target, labels.dtype)
+    return (labels + 1) % self.num_classes
 
 
 def train_clean(model: nn.Module, dataset: Dataset, normalization: Normalization,
