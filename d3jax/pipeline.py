@@ -59,7 +59,9 @@ class AttackRun:
     model_options: options of that model, e.g. ``width``.
     attack: a name of the attack registry (:func:`d3jax.attacks.names`). LF (without a pattern
       file) and TrojanNN craft their trigger against a clean model first trained with ``train``;
-      SSBA trains its encoder on the clean training images; WaNet trains on the clean set and warps
+      SSBA trains its encoder on the clean training images (or reads pre-generated files); WaNet
+      trains on the clean set and warps part of every batch; input-aware pre-trains its mask
+      generator, then trains its pattern generator with the model on the clean set, triggering
       part of every batch; the adaptive attack trains its base attack with ASAM.
     attack_options: fields of that attack's registry config (:func:`d3jax.attacks.get`), e.g.
       BadNets ``size``, Blended ``alpha``, LF ``max_passes``, adaptive ``base`` and ``rho``.

@@ -3,8 +3,11 @@
 A run directory holds ``config.json`` (the full attack config, the model spec and the dataset
 spec, and for a defense its config and reserved-set draw), ``metrics.json`` (the table row and
 any warnings), ``metrics.csv`` and ``curves.png`` (per epoch), ``log.txt``, the orbax checkpoint
-``variables/`` and ``manifest.json``. A defense run embeds what it needs from its attack run,
-so it loads on its own, and it stores no path: run directories can be moved.
+``variables/``, the backdoor test set ``backdoor_test.npz`` (uint8 images, labels, true labels;
+loading a run reads it instead of building the trigger again), for an attack whose trigger trains
+with the model (input-aware) the trigger's variables ``trigger/``, and ``manifest.json``. A
+defense run embeds what it needs from its attack run (its backdoor test set too), so it loads on
+its own, and it stores no path: run directories can be moved.
 """
 from __future__ import annotations
 

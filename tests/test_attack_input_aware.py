@@ -115,6 +115,11 @@ def test_config_errors(options, message):
     get("input_aware", **options)
 
 
+def test_milestones_parse():
+  assert get("input_aware", mask_milestones=5).mask_milestones == "5"
+  assert get("input_aware", generator_milestones="").generator_milestones == ""
+
+
 def test_recipe_errors():
   with pytest.raises(ValueError, match=r"^input_aware supports label_mode all2one, all2all, got 'clean_label'\.$"):
     InputAwareTraining(label_mode="clean_label")

@@ -93,10 +93,10 @@ def blend(images: jax.Array, patterns: jax.Array, masks: jax.Array) -> jax.Array
   return images + masks * (patterns - images)
 
 
-def step_decay(base: jax.Array, epoch: jax.Array, milestones: tuple[int, ...],
-               gamma: jax.Array) -> jax.Array:
-  """PyTorch ``MultiStepLR`` stepped per epoch: base·γ^(milestones passed)."""
-  passed = sum((epoch >= m).astype(jnp.float32) for m in milestones) if milestones else 0.0
+def step_decay(base: jax.Array, epoch: jax.Array, at: tuple[int, ...], gamma: jax.Array
+               ) -> jax.Array:
+  """PyTorch ``MultiStepLR`` stepped per epoch: base·γ^(milestones in ``at`` passed)."""
+  passed = sum((epoch >= m).astype(jnp.float32) for m in at) if at else 0.0
   return base * gamma ** passed
 
 
@@ -136,7 +136,8 @@ class InputAwareConfig:
   not one from a second, independently shuffled loader. (3) The classifier trains with the run's
   recipe (BackdoorBench's cosine schedule) instead of the authors' step decay at epoch 100, and
   the engine's per-sample crop/flip. (4) G runs once over the backdoor and cross sources
-  together (one batch-norm update per step instead of two).
+  together (one batch-norm update per step instead of two). (5) Mask pre-training weights its
+  diversity loss by λ_div once (the authors' code multiplies it in twice; equal at the default 1).
 
   Attributes:
     width: channels of the generators' first scale (doubling per scale).
@@ -191,6 +192,9 @@ class InputAwareConfig:
     if not 0 < self.gamma <= 1:
       raise ValueError(f"input_aware gamma must be in (0, 1], got {self.gamma!r}.")
     for field in ("generator_milestones", "mask_milestones"):
+      value = getattr(self, field)
+      if isinstance(value, int) and not isinstance(value, bool):  # one epoch, as a flag parses it
+        object.__setattr__(self, field, str(value))
       milestones(getattr(self, field), field)
 
   def generators(self, channels: int) -> tuple[Generator, Generator]:
