@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import metrics, train
-from d3jax.attacks import backdoor_test_set, get
+from d3jax import checkpoint, metrics, train
+from d3jax.attacks import apply_trigger, backdoor_test_set, get
 from d3jax.attacks.input_aware import (Generator, InputAwareTraining, blend, diversity_loss,
                                        poison_rows, source_rows, threshold)
 from d3jax.attacks.training import AttackTrainConfig
@@ -21,7 +21,7 @@ def test_generator_shapes_and_range(shape, rbg_key):
   tanh(tanh(·))/2 + ½'s range, about (0.12, 0.88); the threshold maps into [0, 1]."""
   x = jax.random.normal(rbg_key, (2, *shape)) * 3.0
   for channels in (shape[-1], 1):
-    net = Generator(channels, width=4, depth=2)
+    net = Generator(channels, width=4, depth=2, conv="lax")
     variables = jax.jit(net.init)(rbg_key, x)
     out = np.asarray(jax.jit(net.apply)(variables, x))
     assert out.shape == (2, *shape[:2], channels)
@@ -67,15 +67,22 @@ def test_cross_samples_use_another_images_pattern(label_mode):
   assert half[0, 0, 0, 0] == pytest.approx(50.0)
 
 
-def _tiny_run(tiny_set, key, **options):
+def _tiny_program():
+  """Input-aware on 8×8×1 images, 2 epochs, width-2 nets (shared by the tests below, so the
+  jitted epochs compile once)."""
+  model = get_model("small_cnn", 10, width=2, conv="lax")  # "lax": compiles faster at this size
+  recipe = AttackTrainConfig(epochs=2, batch_size=20, crop_padding=1)
+  attack = get("input_aware", width=2, depth=1, mask_epochs=1, conv="lax")
+  return attack.program(model, recipe, NORM, ratio=0.1, target=0, label_mode="all2one",
+                        num_classes=10)
+
+
+def _tiny_run(tiny_set, key, **kwargs):
+  program = _tiny_program()
   images, labels = tiny_set
-  model = get_model("small_cnn", 10, width=2)
-  recipe = AttackTrainConfig(epochs=1, batch_size=20, crop_padding=1)
-  attack = get("input_aware", width=2, depth=1, mask_epochs=1, **options)
-  program = attack.program(model, recipe, NORM, ratio=0.1, target=0, label_mode="all2one",
-                           num_classes=10)
-  state, history = train.train_state(program, train.init_variables(model, (8, 8, 1), key), images,
-                                     labels, key, progress=False)
+  variables = train.init_variables(program.model, (8, 8, 1), key)
+  state, history = train.train_state(program, variables, images, labels, key, progress=False,
+                                     **kwargs)
   return program, state, history
 
 
@@ -90,15 +97,34 @@ def test_training_is_deterministic_under_a_key(tiny_set, rbg_key):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert any(not np.array_equal(np.asarray(a), np.asarray(b))
              for a, b in zip(leaves(state), leaves(other)))
-  fresh = program.init(train.init_variables(program.model, (8, 8, 1), rbg_key), 40, rbg_key)
+  fresh = train.init_state(program, train.init_variables(program.model, (8, 8, 1), rbg_key), 40,
+                           rbg_key)
   for trained, initial in ((state.mask, fresh.mask), (state.generator, fresh.generator)):
     assert any(not np.allclose(np.asarray(a), np.asarray(b))
                for a, b in zip(jax.tree.leaves(trained["params"]), jax.tree.leaves(initial["params"])))
   assert set(history) == {"loss", "cross_entropy", "diversity"} and np.isfinite(history["loss"]).all()
   images = tiny_set[0]
-  triggered = np.asarray(program.trigger(state, (8, 8, 1))(images))
+  triggered = apply_trigger(program.trigger(state, (8, 8, 1)), images)
   assert triggered.dtype == np.uint8 and triggered.shape == images.shape
-  np.testing.assert_array_equal(triggered, np.asarray(program.trigger(again, (8, 8, 1))(images)))
+  np.testing.assert_array_equal(triggered, apply_trigger(program.trigger(again, (8, 8, 1)), images))
+
+
+def test_resume_matches_and_does_not_pretrain_masks_again(tiny_set, rbg_key, tmp_path):
+  """Interrupted after epoch 1, checkpointed (orbax) and resumed: the generators, masks and
+  classifier equal an uninterrupted run's (mask pre-training is not run again on resume)."""
+  _, whole, _ = _tiny_run(tiny_set, rbg_key)
+  with checkpoint.EpochCheckpoints(tmp_path) as saved:
+    def stop(epoch, state, metrics):
+      saved.save(epoch + 1, state)
+      raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+      _tiny_run(tiny_set, rbg_key, callback=stop)
+    _, resumed, history = _tiny_run(tiny_set, rbg_key, restore=saved.restore)
+  assert history["loss"].shape == (1,)
+  for a, b in zip(jax.tree.leaves((whole.params, whole.generator, whole.mask)),
+                  jax.tree.leaves((resumed.params, resumed.generator, resumed.mask))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("options, message", [
@@ -108,6 +134,7 @@ def test_training_is_deterministic_under_a_key(tiny_set, rbg_key):
     ({"lambda_div": -1.0}, r"^input_aware lambda_div must be ≥ 0, got -1\.0\.$"),
     ({"mask_density": 2.0}, r"^input_aware mask_density must be in \[0, 1\], got 2\.0\.$"),
     ({"gamma": 0.0}, r"^input_aware gamma must be in \(0, 1\], got 0\.0\.$"),
+    ({"conv": "fft"}, r"^input_aware conv must be one of auto, lax, im2col, got 'fft'\.$"),
     ({"mask_milestones": "10,x"}, r"^input_aware mask_milestones must be comma-separated epochs ≥ 1, got '10,x'\.$"),
 ])
 def test_config_errors(options, message):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from d3jax.attacks.training import AttackTrainConfig, BatchPoisonTraining
 from d3jax.attacks.triggers import ImageShape, _check_batch, _image_shape
 from d3jax.data.augment import augment, normalize
-from d3jax.models.conv import Conv, max_pool_2x2
+from d3jax.models.conv import LOWERINGS, Conv, max_pool_2x2
 from d3jax.optim.d3 import masked_mean
 from d3jax.train import (Batch, Hyperparams, Normalization, Program, PyTree, TrainState,
                          batch_plan, cross_entropy, join_variables, split_variables)
@@ -49,11 +49,12 @@ class Generator(nn.Module):
   channels: int
   width: int = 32
   depth: int = 3
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     def block(x, features, relu=True):
-      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)))(x)
+      x = Conv(features, (3, 3), padding=((1, 1), (1, 1)), lowering=self.conv)(x)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.95, epsilon=1e-5)(x)
       return nn.relu(x) if relu else x
 
@@ -153,6 +154,7 @@ class InputAwareConfig:
       multiplied by ``gamma`` (empty: never).
     mask_milestones: the same for the mask generator, in mask pre-training epochs.
     gamma: the step-decay factor.
+    conv: the generators' convolution lowering, "auto" | "lax" | "im2col" (as the models').
   """
 
   width: int = 32
@@ -167,6 +169,7 @@ class InputAwareConfig:
   generator_milestones: str = "200,300,400,500"
   mask_milestones: str = "10,20"
   gamma: float = 0.1
+  conv: str = "auto"
   name: ClassVar[str] = "input_aware"
   label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
   kind: ClassVar[str] = "training"
@@ -191,6 +194,8 @@ class InputAwareConfig:
       raise ValueError(f"input_aware mask_density must be in [0, 1], got {self.mask_density!r}.")
     if not 0 < self.gamma <= 1:
       raise ValueError(f"input_aware gamma must be in (0, 1], got {self.gamma!r}.")
+    if self.conv not in LOWERINGS:
+      raise ValueError(f"input_aware conv must be one of {', '.join(LOWERINGS)}, got {self.conv!r}.")
     for field in ("generator_milestones", "mask_milestones"):
       value = getattr(self, field)
       if isinstance(value, int) and not isinstance(value, bool):  # one epoch, as a flag parses it
@@ -199,7 +204,8 @@ class InputAwareConfig:
 
   def generators(self, channels: int) -> tuple[Generator, Generator]:
     """(pattern generator G, mask generator M) for images of ``channels`` channels."""
-    return (Generator(channels, self.width, self.depth), Generator(1, self.width, self.depth))
+    return (Generator(channels, self.width, self.depth, self.conv),
+            Generator(1, self.width, self.depth, self.conv))
 
   def variables_like(self, channels: int) -> PyTree:
     """Shapes and dtypes of both generators' variables (``{"pattern", "mask"}``), for restoring
@@ -213,7 +219,7 @@ class InputAwareConfig:
   def trained(self, image_shape: ImageShape, normalization: Normalization,
               variables: PyTree) -> "Generated":
     """The trigger of trained generator ``variables`` (``{"pattern", "mask"}``)."""
-    return Generated(_image_shape(image_shape), variables, normalization, self.width, self.depth)
+    return Generated(_image_shape(image_shape), variables, normalization, self)
 
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> Any:
@@ -439,13 +445,12 @@ class Generated:
     image_shape: (H, W, C) of the images.
     variables: ``{"pattern": G's variables, "mask": M's variables}``.
     normalization: the dataset's normalization (the generators work in normalized space).
-    width, depth: the generators' architecture.
+    config: the attack's config (the generators' architecture).
   """
   image_shape: ImageShape
   variables: Any = dataclasses.field(repr=False)
   normalization: Normalization = Normalization((0.5,), (0.5,))
-  width: int = 32
-  depth: int = 3
+  config: InputAwareConfig = InputAwareConfig()
   name: ClassVar[str] = "input_aware"
   label_modes: ClassVar[tuple[str, ...]] = InputAwareConfig.label_modes
 
@@ -455,7 +460,7 @@ class Generated:
     images = _check_batch(images, self.image_shape, "input_aware")
     mean, std = (jnp.asarray(v, jnp.float32) for v in (self.normalization.mean, self.normalization.std))
     channels = self.image_shape[-1]
-    pattern_net, mask_net = InputAwareConfig(width=self.width, depth=self.depth).generators(channels)
+    pattern_net, mask_net = self.config.generators(channels)
     x = normalize(images, mean, std)
     patterns = (pattern_net.apply(self.variables["pattern"], x) - mean) / std
     masks = threshold(mask_net.apply(self.variables["mask"], x))
