@@ -167,7 +167,7 @@ def test_backdoor_is_learned_on_digits(digits, rbg_key):
   model = get_model("small_cnn", digits.num_classes, width=8)
   norm = train.Normalization(digits.mean, digits.std)
   recipe = AttackTrainConfig(epochs=6, batch_size=64, learning_rate=0.1, cosine_t_max=6, crop_padding=0)
-  attack = get("input_aware", width=4, depth=1, mask_epochs=1, mask_density=0.1)
+  attack = get("input_aware", width=4, depth=1, mask_epochs=1, mask_density=0.1, conv="lax")
   program = attack.program(model, recipe, norm, ratio=0.2, target=0, label_mode="all2one",
                            num_classes=digits.num_classes)
   state, _ = train.train_state(program, train.init_variables(model, digits.image_shape, rbg_key),
