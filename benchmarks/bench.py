@@ -12,8 +12,9 @@ wall times after warm-up, reported as images per second and as ratios.
   for the small CNN (width 32) and PreAct-ResNet18 (width 64); d3jax with both conv lowerings.
   Compile seconds are those of d3jax's first call.
 * ``eval``: eval-mode logits of 1,000 images in batches of 500.
-* ``grid``: one vmapped epoch of a G-run D3 grid against the same G runs one by one (each run
-  alone, the same compiled epoch), for the demo's small CNN (width 16, 28×28×1, 200 reserved
+* ``grid``: one epoch of a G-run D3 grid, as one vmap over all G runs (``vmap``) and as the runs
+  scanned one at a time inside the same program (``scan``, the CPU default), against the same G
+  runs one by one (each run alone, the same compiled epoch), for the demo's small CNN (width 16, 28×28×1, 200 reserved
   images, batch 32) and PreAct-ResNet18 (width 64, 32×32×3, 256 images, batch 128).
 """
 from __future__ import annotations
@@ -253,21 +254,25 @@ def bench_grid(rounds: int, sizes: dict[str, tuple[int, ...]]) -> list[dict]:
       axes = train.grid_axes()
       hparams = {k: jnp.broadcast_to(v, (size,)) for k, v in program.hyperparams().items()}
       hparams["lmd"] = jnp.linspace(0.5, 20.0, size)
-      grid = {"state": init_grid(program, axes, variables, s["n"], jax.random.key(1), hparams)}
+      sides, compile_s = {"one": one_run_epoch}, {}
+      for label, width in (("vmap", None), ("scan", 1)):
+        grid = {"state": init_grid(program, axes, variables, s["n"], jax.random.key(1), hparams)}
 
-      def grid_epoch():
-        grid["state"], metrics = train.train_epoch(program, grid["state"], x, y, axes)
-        metrics["loss"].block_until_ready()
+        def grid_epoch(grid=grid, width=width):
+          grid["state"], metrics = train.train_epoch(program, grid["state"], x, y, axes, width)
+          metrics["loss"].block_until_ready()
 
-      start = time.perf_counter()
-      grid_epoch()
-      compile_s = time.perf_counter() - start
-      medians = interleaved({"grid": grid_epoch, "one": one_run_epoch}, rounds, 1)
-      row = {"model": name, "G": size, "grid_epoch_s": medians["grid"],
-             "one_by_one_epoch_s": size * medians["one"],
-             "wall_ratio": medians["grid"] / (size * medians["one"]),
-             "grid_img_s": size * s["n"] / medians["grid"], "one_img_s": s["n"] / medians["one"],
-             "grid_compile_s": compile_s}
+        start = time.perf_counter()
+        grid_epoch()
+        compile_s[label] = time.perf_counter() - start
+        sides[label] = grid_epoch
+      medians = interleaved(sides, rounds, 1)
+      row = {"model": name, "G": size, "one_by_one_epoch_s": size * medians["one"],
+             "one_img_s": s["n"] / medians["one"]}
+      for label in ("vmap", "scan"):
+        row.update({f"{label}_epoch_s": medians[label],
+                    f"{label}_ratio": medians[label] / (size * medians["one"]),
+                    f"{label}_compile_s": compile_s[label]})
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows

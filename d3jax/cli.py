@@ -60,6 +60,9 @@ class Output:
   """continue the interrupted run of --out after its last finished epoch (same settings)"""
   eval_every: int = 1
   """measure ACC/ASR/RA on the test sets every N epochs (0: final model only); evaluation only"""
+  checkpoint_every: float = 30.0
+  """save the training state for --resume at most every this many seconds (and after the last
+  epoch); 0: after every epoch"""
   config: Optional[str] = None
   """YAML or JSON file of settings, as --print-config writes them; flags override it"""
   print_config: bool = False
@@ -312,7 +315,8 @@ def run_command(command: Any) -> None:
   if isinstance(command, (AttackCommand, DefendCommand)) and command.output.print_config:
     print(yaml.safe_dump(command.settings(), sort_keys=False), end="")
     return
-  tracking = runs.Tracking(eval_every=command.output.eval_every, progress=progress) \
+  tracking = runs.Tracking(eval_every=command.output.eval_every, progress=progress,
+                           checkpoint_every_s=command.output.checkpoint_every) \
       if isinstance(command, (AttackCommand, DefendCommand)) else None
   if isinstance(command, AttackCommand):
     out = command.output

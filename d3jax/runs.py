@@ -66,19 +66,28 @@ class Tracking:
     eval_every: measure ACC/ASR/RA on the test sets every this many epochs (and after the
       last); 0 measures only the final model. For evaluation only: never used by training.
     progress: show progress bars.
+    checkpoint_every_s: save the training state for ``--resume`` after an epoch when at least
+      this many seconds have passed since the last save (and always after the last epoch);
+      0 saves after every epoch. An orbax save costs more than a whole epoch of a small
+      defense, so saving every epoch would dominate short runs.
   """
   eval_every: int = 1
   progress: bool = True
+  checkpoint_every_s: float = 30.0
 
   def __post_init__(self) -> None:
     if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
       raise ValueError(f"eval_every must be an integer ≥ 0 (0: final model only), got "
                        f"{self.eval_every!r}.")
+    if not isinstance(self.checkpoint_every_s, (int, float)) or not self.checkpoint_every_s >= 0:
+      raise ValueError(f"checkpoint_every_s must be a number of seconds ≥ 0 (0: every epoch), got "
+                       f"{self.checkpoint_every_s!r}.")
 
 
 class Recorder:
-  """The per-epoch callback of a run: one ``metrics.csv`` row, one log line and one training-state
-  checkpoint (for ``--resume``) per epoch, in that order."""
+  """The per-epoch callback of a run: one ``metrics.csv`` row and one log line per epoch, then a
+  training-state checkpoint (for ``--resume``) when ``tracking.checkpoint_every_s`` has passed
+  since the last one, and after the last epoch."""
 
   def __init__(self, stage: Path, backdoored: Backdoored, epochs: int, tracking: Tracking,
                heldout: tuple[np.ndarray, np.ndarray] | None = None,
@@ -87,7 +96,7 @@ class Recorder:
     self.backdoored, self.epochs, self.tracking, self.heldout = backdoored, epochs, tracking, heldout
     self.backdoor_test_of = backdoor_test_of  # for a trigger trained with the model
     self.checkpoints = checkpoint.EpochCheckpoints(stage / "checkpoints")
-    self.start = time.perf_counter()
+    self.start = self.last_save = time.perf_counter()
 
   def restore(self, fresh: TrainState) -> TrainState:
     """The state after the last checkpointed epoch (``fresh`` when there is none); CSV rows of
@@ -124,7 +133,10 @@ class Recorder:
     curves.append_row(self.csv, row)
     LOG.info("epoch %d/%d  %s", done, self.epochs, "  ".join(
         f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "wall_s")))
-    self.checkpoints.save(done, state)
+    now = time.perf_counter()
+    if done == self.epochs or now - self.last_save >= self.tracking.checkpoint_every_s:
+      self.checkpoints.save(done, state)
+      self.last_save = now
 
   def warnings(self, accuracy_on_training_data: float, what: str) -> list[str]:
     """Divergence warnings from the recorded losses and the final training accuracy."""

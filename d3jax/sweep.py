@@ -2,7 +2,9 @@
 
 A grid of G runs is one :class:`d3jax.train.TrainState` stacked on a leading axis and trained by
 ``jax.vmap`` of the defense's jitted epoch (:func:`d3jax.train.grid_axes`): one compilation and
-one pass over the data serve every run. The grid axis is laid out over ``jax.devices()`` with a
+one dispatch per epoch serve every run. On one CPU device the vmap holds one run at a time and the
+runs are scanned inside the same program (:func:`d3jax.train.grid_vmap_width`: batched matmuls
+of per-run weights measured slower there than the same matmuls in turn). The grid axis is laid out over ``jax.devices()`` with a
 ``Mesh`` and ``NamedSharding`` (one CPU, several GPUs or a TPU slice alike); when G is larger than
 ``chunk_size`` the grid runs in chunks of that many runs. For multi-host runs, call
 ``jax.distributed.initialize()`` first on every host: ``jax.devices()`` then lists every host's
@@ -26,7 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from d3jax.defenses import check_reserved, program as defense_program
-from d3jax.train import Normalization, Program, TrainState, fit, grid_axes
+from d3jax.train import Normalization, Program, TrainState, fit, grid_axes, grid_vmap_width
 
 PyTree = Any
 
@@ -74,10 +76,14 @@ def shard_grid(state: TrainState, axes: TrainState, mesh: Mesh) -> TrainState:
 def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, labels: np.ndarray, *,
           normalization: Normalization, key: jax.Array, grid: Mapping[str, Sequence[float]],
           config: Any = None, seeds: int = 1, chunk_size: int | None = None,
-          devices: Sequence[jax.Device] | None = None, progress: bool = True
-          ) -> tuple[list[Any], dict[str, Any]]:
+          devices: Sequence[jax.Device] | None = None, vmap_width: int | None | str = "auto",
+          progress: bool = True) -> tuple[list[Any], dict[str, Any]]:
   """Runs defense ``name`` for every point of ``grid`` (e.g. ``{"lmd": [1, 10], "eps": [0.1, 0.3]}``)
   and every seed, as one vmapped program per chunk, sharded over ``devices``.
+
+  ``vmap_width`` runs share one vmap inside a chunk's program (the vmapped groups are scanned);
+  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, measured faster),
+  None vmaps the whole chunk.
 
   Returns the defended variables of each run (a list, grid-major then seed) and a log with the
   hyperparameters and seed of each run, the grid as given, and the per-epoch losses (epochs, runs).
@@ -99,6 +105,12 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   if chunk < 1:
     raise ValueError(f"chunk_size must be ≥ 1, got {chunk_size!r}.")
   chunk = -(-chunk // width) * width  # a multiple of the device count
+  if vmap_width == "auto":
+    vmap_width = grid_vmap_width(chunk, width)
+  elif vmap_width is not None and (isinstance(vmap_width, bool) or not isinstance(vmap_width, int)
+                                   or vmap_width < 1 or chunk % vmap_width):
+    raise ValueError(f"vmap_width must be 'auto', None or a positive divisor of the chunk's "
+                     f"{chunk} runs, got {vmap_width!r}.")
   replicated = NamedSharding(mesh, PartitionSpec())
   images, labels = jax.device_put((jnp.asarray(images), jnp.asarray(labels)), replicated)
 
@@ -111,7 +123,8 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
                       {k: v[rows] for k, v in hparams.items()})
     state = shard_grid(state, axes, mesh)
     label = f"{name} grid {start + 1}-{start + real}/{runs}" if runs > chunk else f"{name} grid of {runs}"
-    state, history = fit(defense, state, images, labels, axes=axes, desc=label, progress=progress)
+    state, history = fit(defense, state, images, labels, axes=axes, vmap_width=vmap_width,
+                         desc=label, progress=progress)
     stacked = jax.device_get(state.variables)
     defended += [jax.tree.map(lambda leaf, i=i: leaf[i], stacked) for i in range(real)]
     losses.append(history["loss"][:, :real])

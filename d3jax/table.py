@@ -36,24 +36,30 @@ class TableSpec:
   Attributes:
     dataset: the dataset of every attack (``digits``, ``mnist5k``, ``npz:<path>``, ``tfds:…``).
     model: the model of every attack.
+    model_options: options of that model, e.g. ``width`` (``--model-options width 16``).
     attacks: registered attack names, one table row each.
     defenses: registered defense names, one column group each, with their default settings.
     seeds: repeats of every cell; seed s trains the attack with seed s and draws the reserved set
       and runs the defense with seed s.
     poison_ratio: poisoning ratio of every attack.
+    ratios: per-attack overrides of ``poison_ratio`` (``--ratios sig 0.05``), e.g. for a
+      clean-label attack, which can poison at most its target class.
     target: target class of every attack.
     train: the attacks' training recipe.
-    defense_epochs: overrides every defense's ``epochs`` (0: each defense's own default).
+    defense_epochs: caps every defense's ``epochs`` at this many (a defense with fewer by default,
+      e.g. i-BAU's 5, keeps its own; 0: no cap), for tables that must fit a compute budget.
     reserved_ratio: the defender's share of the clean training set (drawn with each cell's seed).
     holdout: the share of the reserved set held out from the defense's training (its held-out
       loss and accuracy are recorded per epoch; FP also splits its own training data).
   """
   dataset: str = "mnist5k"
   model: str = "small_cnn"
+  model_options: dict[str, int | bool] = dataclasses.field(default_factory=dict)
   attacks: tuple[str, ...] = ("badnets", "blended")
   defenses: tuple[str, ...] = ("ft", "d3")
   seeds: int = 1
   poison_ratio: float = 0.1
+  ratios: dict[str, float] = dataclasses.field(default_factory=dict)
   target: int = 0
   train: AttackTrainConfig = AttackTrainConfig()
   defense_epochs: int = 0
@@ -67,21 +73,27 @@ class TableSpec:
                 self.defenses, "a non-empty list of distinct defense names")
     for name in self.defenses:
       defenses.config_type(name)
+    unknown = sorted(set(self.ratios) - set(self.attacks))
+    check_field(not unknown, "ratios", self.ratios, "overrides for attacks of --attacks only")
     check_field(isinstance(self.seeds, int) and not isinstance(self.seeds, bool) and self.seeds >= 1,
                 "seeds", self.seeds, "an integer ≥ 1")
     check_field(isinstance(self.defense_epochs, int) and self.defense_epochs >= 0, "defense_epochs",
-                self.defense_epochs, "an integer ≥ 0 (0: each defense's default)")
+                self.defense_epochs, "an integer ≥ 0 (0: no cap)")
     self.reserved(0)
 
   def attack_run(self, attack: str, seed: int) -> AttackRun:
-    return AttackRun(dataset=self.dataset, model=self.model, attack=attack, ratio=self.poison_ratio,
+    return AttackRun(dataset=self.dataset, model=self.model, model_options=dict(self.model_options),
+                     attack=attack, ratio=self.ratios.get(attack, self.poison_ratio),
                      target=self.target, seed=seed, train=self.train)
 
   def reserved(self, seed: int) -> ReservedSplit:
     return ReservedSplit(ratio=self.reserved_ratio, holdout=self.holdout, seed=seed)
 
   def defense_config(self, name: str) -> Any:
-    return defenses.get(name, **({"epochs": self.defense_epochs} if self.defense_epochs else {}))
+    default = defenses.get(name)
+    if self.defense_epochs and default.epochs > self.defense_epochs:
+      return dataclasses.replace(default, epochs=self.defense_epochs)
+    return default
 
 
 def _finished_or_resume(path: Path, expected: dict, what: str) -> bool | None:

@@ -10,7 +10,8 @@ the step count and the run's key. So
 * ``program.step(state, batch) -> (state, metrics)`` is one optimizer step;
 * ``program.epoch(state, images, labels)`` is one ``lax.scan`` over fixed-shape batches drawn by a
   seeded permutation (the tail is padded by wrapping and masked out of the loss);
-* a hyperparameter grid is ``jax.vmap`` over the state's leading axis (:func:`grid_axes`);
+* a hyperparameter grid is ``jax.vmap`` over the state's leading axis (:func:`grid_axes`), over
+  the whole grid or over chunks of it scanned in the same program (:func:`grid_vmap_width`);
 * :func:`fit` drives the epochs from the host (progress bar, NaN check, per-epoch callback for
   checkpoints and curves), and resuming is calling it again on a restored state.
 
@@ -292,10 +293,54 @@ def grid_axes(shared_key: bool = True) -> TrainState:
                     hparams=0, key=None if shared_key else 0)
 
 
-def _mapped(fn: Callable, axes: TrainState | None, out_axes: Any) -> Callable:
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _mapped(fn: Callable, axes: TrainState | None, out_axes: Any, vmap_width: int | None
+            ) -> Callable:
+  """``fn`` over a grid: ``jax.vmap`` over the whole grid axis (``vmap_width`` None), or over
+  chunks of ``vmap_width`` runs taken one after another by a ``lax.scan`` in the same program
+  (``lax.map`` with a batch size; :func:`grid_vmap_width` says when that is faster)."""
   if axes is None:
     return fn
-  return jax.vmap(fn, in_axes=(axes, None, None), out_axes=out_axes)
+  vmapped = jax.vmap(fn, in_axes=(axes, None, None), out_axes=out_axes)
+  if vmap_width is None:
+    return vmapped
+
+  def per_field(fn_stacked, fn_shared, tree):
+    return jax.tree.map(lambda ax, sub: jax.tree.map(fn_shared if ax is None else fn_stacked, sub),
+                        axes, tree, is_leaf=_is_none)
+
+  def in_chunks(state, images, labels):
+    size = jax.tree.leaves(state.params)[0].shape[0]
+    chunks = per_field(lambda x: x.reshape((size // vmap_width, vmap_width) + x.shape[1:]),
+                       lambda x: None, state)
+
+    def one_chunk(_, chunk):
+      merged = jax.tree.map(lambda ax, shared, own: shared if ax is None else own, axes, state,
+                            chunk, is_leaf=_is_none)
+      return None, vmapped(merged, images, labels)
+
+    _, (state, metrics) = jax.lax.scan(one_chunk, None, chunks)
+    unchunk = lambda x: x.reshape((size,) + x.shape[2:])
+    return per_field(unchunk, lambda x: x[0], state), jax.tree.map(unchunk, metrics)
+
+  return in_chunks
+
+
+def grid_vmap_width(size: int, devices: int = 1) -> int | None:
+  """How many runs of a grid of ``size`` one ``vmap`` should hold: None (the whole grid) on
+  accelerators and on several devices; on one CPU device, chunks of 1 run scanned in one program.
+
+  Measured on a 2-core CPU (benchmarks/RESULTS.md): a vmap over per-run weights turns every
+  matmul of the im2col convolution into a batched matmul that runs slower than the same matmuls
+  one run at a time, so there the grid scans over its runs inside one compiled program (one
+  compilation, one dispatch per epoch, the batch plan drawn once).
+  """
+  if jax.default_backend() != "cpu" or devices > 1:
+    return None
+  return 1 if size > 1 else None
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
@@ -311,44 +356,51 @@ def init_state(program: Program, variables: PyTree, n: int, key: jax.Array,
   return _init(program, variables, n, key, program.hyperparams(hparams))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _epoch(program: Program, axes: TrainState | None, state: TrainState, images: jax.Array,
-           labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  return _mapped(program.epoch, axes, (axes, 0))(state, images, labels)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _epoch(program: Program, axes: TrainState | None, vmap_width: int | None, state: TrainState,
+           images: jax.Array, labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
+  return _mapped(program.epoch, axes, (axes, 0), vmap_width)(state, images, labels)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(2,))
-def _epoch_donated(program: Program, axes: TrainState | None, state: TrainState, images: jax.Array,
-                   labels: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-  return _mapped(program.epoch, axes, (axes, 0))(state, images, labels)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(3,))
+def _epoch_donated(program: Program, axes: TrainState | None, vmap_width: int | None,
+                   state: TrainState, images: jax.Array, labels: jax.Array
+                   ) -> tuple[TrainState, dict[str, jax.Array]]:
+  return _mapped(program.epoch, axes, (axes, 0), vmap_width)(state, images, labels)
 
 
 def train_epoch(program: Program, state: TrainState, images: jax.Array, labels: jax.Array,
-                axes: TrainState | None = None) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One jitted epoch (of a grid when ``axes`` is given, see :func:`grid_axes`).
+                axes: TrainState | None = None, vmap_width: int | None = None
+                ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One jitted epoch (of a grid when ``axes`` is given, see :func:`grid_axes`; ``vmap_width``
+  runs per vmapped chunk, None: the whole grid, see :func:`grid_vmap_width`).
 
   On accelerators the input state's buffers are donated to the output; the CPU backend cannot
   reuse donated buffers, so there the state is not donated.
   """
   epoch_fn = _epoch if jax.default_backend() == "cpu" else _epoch_donated
   if axes is None:
-    return epoch_fn(program, axes, state, images, labels)
+    return epoch_fn(program, axes, None, state, images, labels)
+  size = jax.tree.leaves(state.params)[0].shape[0]
+  if vmap_width is not None and (vmap_width < 1 or size % vmap_width):
+    raise ValueError(f"vmap_width must divide the grid's {size} runs, got {vmap_width!r}.")
   # A grid keeps the layout it was given (d3jax.sweep.shard_grid): without this, XLA may return
   # an equivalent but differently written sharding (e.g. replicated on a one-device mesh), and the
   # next epoch would compile again for it.
   shardings = jax.tree.map(lambda leaf: leaf.sharding, state)
-  state, metrics = epoch_fn(program, axes, state, images, labels)
+  state, metrics = epoch_fn(program, axes, vmap_width, state, images, labels)
   return jax.device_put(state, shardings), metrics
 
 
 def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,
-        labels: np.ndarray | jax.Array, *, axes: TrainState | None = None, desc: str = "train",
-        progress: bool = True, callback: "EpochCallback | None" = None
-        ) -> tuple[TrainState, dict[str, np.ndarray]]:
+        labels: np.ndarray | jax.Array, *, axes: TrainState | None = None,
+        vmap_width: int | None = None, desc: str = "train", progress: bool = True,
+        callback: "EpochCallback | None" = None) -> tuple[TrainState, dict[str, np.ndarray]]:
   """Runs the remaining epochs of ``state`` (from ``step // steps_per_epoch`` to the recipe's
   epochs), one jitted ``lax.scan`` epoch per iteration, with a progress bar and a NaN check.
 
-  ``axes`` trains a stacked grid of states (see :func:`grid_axes`). ``callback(epoch, state,
+  ``axes`` trains a stacked grid of states (see :func:`grid_axes`), ``vmap_width`` runs per
+  vmapped chunk (see :func:`grid_vmap_width`; None: one vmap over the whole grid). ``callback(epoch, state,
   metrics)`` runs on the host after every epoch (0-based epoch index); use it to checkpoint, log or
   evaluate. To resume, restore a saved state and call ``fit`` again: the result is the same as
   an uninterrupted run.
@@ -367,7 +419,7 @@ def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,
   bar = tqdm(range(first, program.recipe.epochs), desc=desc, disable=not progress,
              initial=first, total=program.recipe.epochs, dynamic_ncols=True)
   for index in bar:
-    state, metrics = train_epoch(program, state, images, labels, axes)
+    state, metrics = train_epoch(program, state, images, labels, axes, vmap_width)
     metrics = {name: np.asarray(value) for name, value in metrics.items()}
     loss = metrics["loss"]
     if not np.all(np.isfinite(loss)):

@@ -3,6 +3,7 @@ import json
 import pickle
 import pickletools
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -205,3 +206,35 @@ def test_epoch_checkpoints_round_trip_typed_keys_and_keep_the_last(tmp_path):
   np.testing.assert_array_equal(jax.random.key_data(restored["key"]),
                                 jax.random.key_data(jax.random.fold_in(state["key"], 3)))
   _assert_trees_equal(restored["params"], state["params"])
+
+
+@pytest.mark.parametrize("every_s, saved", [(0.0, [1, 2]), (1e9, [])])
+def test_runs_checkpoint_by_elapsed_time(tmp_path, every_s, saved):
+  """A run saves its state after an epoch only when checkpoint_every_s has passed (0: always);
+  the last epoch is always saved (not reached here: 2 of 3 epochs)."""
+  from d3jax import runs  # pylint: disable=import-outside-toplevel
+  state = _StateLike(_init(TinyNet())["params"], jnp.int32(0))
+  recorder = runs.Recorder(tmp_path, None, 3, runs.Tracking(eval_every=0, progress=False,
+                                                           checkpoint_every_s=every_s))
+  for epoch in (0, 1):
+    recorder(epoch, state, {"loss": np.zeros(2)})
+  recorder.close()
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == saved
+
+
+@flax.struct.dataclass
+class _StateLike:
+  """A pytree with the ``variables`` property the recorder reads."""
+  params: dict
+  step: jax.Array
+
+  @property
+  def variables(self):
+    return {"params": self.params}
+
+
+def test_tracking_rejects_a_negative_checkpoint_interval():
+  from d3jax import runs  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match="checkpoint_every_s must be"):
+    runs.Tracking(checkpoint_every_s=-1)

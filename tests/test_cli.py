@@ -416,7 +416,7 @@ def test_a_killed_defense_resumes_to_the_same_result(attack_run, tmp_path):
   per-epoch losses and the variables of an uninterrupted run, bit for bit."""
   def argv(out, *extra):
     return ["defend", "--attack-run", str(attack_run), "--out", str(out), "--eval-every", "0",
-            *extra, "d3", "--epochs", "4", "--batch-size", "16", "--reserved.ratio", "0.1",
+            "--checkpoint-every", "0", *extra, "d3", "--epochs", "4", "--batch-size", "16", "--reserved.ratio", "0.1",
             "--quiet"]
 
   whole, killed = tmp_path / "whole", tmp_path / "killed"

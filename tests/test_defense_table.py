@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from d3jax import cli, runs, table
+from d3jax import cli, defenses, runs, table
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.table import TableSpec
 
@@ -56,6 +56,7 @@ def test_layout_marks_best_and_second_per_metric():
     ({"attacks": ("badnets", "badnets")}, "attacks"),
     ({"seeds": 0}, "seeds"),
     ({"defense_epochs": -1}, "defense_epochs"),
+    ({"ratios": {"sig": 0.05}}, "ratios"),
     ({"reserved_ratio": 0.0}, "reserved ratio"),
 ])
 def test_spec_rejects_bad_settings(settings, match):
@@ -63,10 +64,20 @@ def test_spec_rejects_bad_settings(settings, match):
     TableSpec(**settings)
 
 
+def test_defense_epochs_caps_but_never_raises_a_defense_s_epochs():
+  spec = TableSpec(defenses=("ft", "i-bau"), defense_epochs=20)
+  assert spec.defense_config("ft").epochs == 20
+  assert spec.defense_config("i-bau").epochs == defenses.get("i-bau").epochs == 5
+  assert TableSpec(defenses=("ft",)).defense_config("ft").epochs == defenses.get("ft").epochs
+
+
 def test_table_command_parses():
   command = cli.parse(["table", "--out", "x", "--dataset", "digits", "--attacks", "badnets",
-                       "--defenses", "ft", "fp", "--seeds", "3", "--epochs", "2"])
+                       "--defenses", "ft", "fp", "--seeds", "3", "--epochs", "2",
+                       "--model-options", "width", "8", "--ratios", "badnets", "0.2"])
   assert isinstance(command, cli.TableCommand)
+  run = command.spec.attack_run("badnets", 1)
+  assert run.model_options == {"width": 8} and run.ratio == 0.2 and run.seed == 1
   assert command.spec.defenses == ("ft", "fp") and command.spec.seeds == 3
   assert command.spec.train.epochs == 2
 

@@ -71,6 +71,23 @@ def test_sweep_in_chunks_equals_one_chunk(model, variables, tiny_set, rbg_key):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_sweep_vmap_width_does_not_change_the_runs(model, variables, tiny_set, rbg_key):
+  """The grid's runs are the same whether one vmap holds all 4, 2 at a time or 1 at a time
+  (scanned in the same program); a width that does not divide the chunk is one clear error."""
+  x, y = tiny_set
+  config = D3Config(epochs=1, batch_size=16, crop_padding=0)
+  grid = {"lmd": [0.5, 2.0, 5.0, 10.0]}
+  results = [sweep("d3", model, variables, x, y, normalization=NORM, key=rbg_key, grid=grid,
+                   config=config, vmap_width=width, progress=False) for width in (None, 2, 1)]
+  for defended, log in results[1:]:
+    np.testing.assert_allclose(log["losses"], results[0][1]["losses"], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][0]), jax.tree.leaves(defended)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="vmap_width must be"):
+    sweep("d3", model, variables, x, y, normalization=NORM, key=rbg_key, grid=grid, config=config,
+          vmap_width=3, progress=False)
+
+
 def test_sweep_checks_the_reserved_set(model, variables, tiny_set, rbg_key):
   x, y = tiny_set
   with pytest.raises(ValueError, match="reserved set labels"):
