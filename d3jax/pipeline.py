@@ -286,6 +286,8 @@ def rebuild(run: AttackRun, variables_from: Callable[[Any], Any], *,
   deterministically from ``run.seed``."""
   if backdoor_test is None:
     dataset, model, _, backdoor_test = prepare(run, progress=progress)
+    check_field(backdoor_test is not None, "the stored backdoor test set", None,
+                f"present for a {run.attack} run, whose trigger is trained with the model")
   else:
     dataset, model = data_and_model(run)
   partial = Backdoored(run, dataset, model, None, backdoor_test)
