@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -102,9 +103,44 @@ def save_run(run_dir: str | Path, variables: PyTree, *, config: dict,
   if jax.process_index() == 0:
     for filename, obj in files.items():
       save_json(path.parent / filename, obj)
+  return save_variables(path.parent, variables, name)
+
+
+def save_variables(run_dir: str | Path, variables: PyTree, name: str) -> Path:
+  """Saves the pytree ``variables`` as the orbax checkpoint ``name`` of ``run_dir`` (every
+  process takes part); returns the absolute run directory."""
+  path = _checkpoint_path(run_dir, name)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, variables, force=True)
   return path.parent
+
+
+def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> Path:
+  """Writes ``arrays`` as an uncompressed npz (process 0 only); no object arrays."""
+  arrays = {k: np.asarray(v) for k, v in arrays.items()}
+  for key, value in arrays.items():
+    if value.dtype == object:
+      raise TypeError(f"{key}: object arrays cannot be stored without pickle; store numbers.")
+  if jax.process_index() == 0:
+    with open(path, "wb") as f:
+      np.savez(f, **arrays)
+  return Path(path)
+
+
+def load_arrays(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:
+  """Reads the arrays ``names`` of an npz written by :func:`save_arrays` (never unpickles).
+
+  Raises:
+    ValueError: the file is not a readable npz or lacks one of ``names``.
+  """
+  try:
+    with np.load(path, allow_pickle=False) as data:
+      missing = [name for name in names if name not in data.files]
+      if missing:
+        raise ValueError(f"{path} lacks the arrays {missing}; it holds {data.files}.")
+      return {name: data[name] for name in names}
+  except (OSError, EOFError, zipfile.BadZipFile) as err:
+    raise ValueError(f"{path} cannot be read as npz ({err}); the file is damaged.") from None
 
 
 def _flat_shapes(tree: PyTree) -> dict[str, tuple[int, ...]]:

@@ -20,12 +20,13 @@ import numpy as np
 from d3jax import attacks, metrics
 from d3jax.attacks import LABEL_MODES, PoisonedSet
 from d3jax.attacks.training import (AttackTrainConfig, attack_program, attack_sets, build_trigger,
-                                    train_backdoored)
+                                    train_backdoored_state)
 from d3jax.data import Dataset, draw_reserved, load_dataset, split_holdout
 from d3jax.evaluation import evaluate
 from d3jax.models import MODELS, get_model
 from d3jax.defenses import defend
-from d3jax.train import EpochCallback, Normalization, Restore, init_variables, predict
+from d3jax.train import (EpochCallback, Normalization, Restore, TrainState, init_variables,
+                         predict)
 
 
 def check_field(ok: bool, field: str, value: Any, allowed: str) -> None:
@@ -58,7 +59,9 @@ class AttackRun:
     model_options: options of that model, e.g. ``width``.
     attack: a name of the attack registry (:func:`d3jax.attacks.names`). LF (without a pattern
       file) and TrojanNN craft their trigger against a clean model first trained with ``train``;
-      SSBA trains its encoder on the clean training images; WaNet trains on the clean set and warps
+      SSBA trains its encoder on the clean training images (or reads pre-generated files); WaNet
+      trains on the clean set and warps part of every batch; input-aware pre-trains its mask
+      generator, then trains its pattern generator with the model on the clean set, triggering
       part of every batch; the adaptive attack trains its base attack with ASAM.
     attack_options: fields of that attack's registry config (:func:`d3jax.attacks.get`), e.g.
       BadNets ``size``, Blended ``alpha``, LF ``max_passes``, adaptive ``base`` and ``rho``.
@@ -182,6 +185,7 @@ class Backdoored:
   model: nn.Module
   variables: Any
   backdoor_test: PoisonedSet
+  trigger_variables: Any = None  # a trained trigger's variables (input-aware's generators)
 
   @property
   def normalization(self) -> Normalization:
@@ -203,18 +207,24 @@ class Backdoored:
                                                  jax.random.key(0)))
 
 
+def data_and_model(run: AttackRun) -> tuple[Dataset, nn.Module]:
+  """The dataset and the (untrained) model of ``run``."""
+  dataset = load_dataset(run.dataset, seed=run.seed)
+  check_field(run.target < dataset.num_classes, "target", run.target,
+              f"a class of {dataset.name}, in [0, {dataset.num_classes})")
+  return dataset, get_model(run.model, dataset.num_classes, **run.model_options)
+
+
 def prepare(run: AttackRun, *, progress: bool = True
-            ) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet]:
-  """The dataset, the model, the set the model trains on (poisoned; clean for WaNet, which
-  poisons every batch itself) and the backdoor test set of ``run``.
+            ) -> tuple[Dataset, nn.Module, PoisonedSet, PoisonedSet | None]:
+  """The dataset, the model, the set the model trains on (poisoned; clean for WaNet and
+  input-aware, which poison every batch themselves) and the backdoor test set of ``run`` (None
+  when the trigger is trained with the model, as input-aware's: :func:`attack` builds it).
 
   The trigger is built with :func:`d3jax.attacks.training.build_trigger` (training a clean model
   first for LF and TrojanNN, SSBA's encoder on the clean images), keyed from ``run.seed``.
   """
-  dataset = load_dataset(run.dataset, seed=run.seed)
-  check_field(run.target < dataset.num_classes, "target", run.target,
-              f"a class of {dataset.name}, in [0, {dataset.num_classes})")
-  model = get_model(run.model, dataset.num_classes, **run.model_options)
+  dataset, model = data_and_model(run)
   config = run.attack_config()
   key = jax.random.key(run.seed)
   trigger = build_trigger(config, dataset, model=model, normalization=_normalization(dataset),
@@ -236,14 +246,33 @@ def attack(run: AttackRun, *, progress: bool = True, callback: EpochCallback | N
   what :func:`prepare` returned for ``run``, so the trigger is not built twice.
   """
   dataset, model, train_set, backdoor_test = prepared or prepare(run, progress=progress)
-  normalization = _normalization(dataset)
-  program = attack_program(run.attack_config(), model, normalization, run.train, ratio=run.ratio,
-                           target=run.target, label_mode=run.mode, num_classes=dataset.num_classes)
-  variables, _ = train_backdoored(model, train_set, normalization, run.train,
-                                  jax.random.fold_in(jax.random.key(run.seed), 2),
-                                  progress=progress, desc=f"attack {run.attack}", callback=callback,
-                                  restore=restore, program=program)
-  return Backdoored(run, dataset, model, variables, backdoor_test)
+  state, _ = train_backdoored_state(model, train_set, _normalization(dataset), run.train,
+                                    jax.random.fold_in(jax.random.key(run.seed), 2),
+                                    progress=progress, desc=f"attack {run.attack}",
+                                    callback=callback, restore=restore,
+                                    program=_program(run, dataset, model))
+  trigger_variables = None
+  if backdoor_test is None:
+    trigger = trained_trigger(run, dataset, model, state)
+    backdoor_test, trigger_variables = trained_backdoor_test(run, dataset, trigger), trigger.variables
+  return Backdoored(run, dataset, model, state.variables, backdoor_test, trigger_variables)
+
+
+def _program(run: AttackRun, dataset: Dataset, model: nn.Module) -> Any:
+  return attack_program(run.attack_config(), model, _normalization(dataset), run.train,
+                        ratio=run.ratio, target=run.target, label_mode=run.mode,
+                        num_classes=dataset.num_classes)
+
+
+def trained_trigger(run: AttackRun, dataset: Dataset, model: nn.Module, state: TrainState) -> Any:
+  """The trigger an attack with ``trained_trigger`` (input-aware) has trained in ``state``."""
+  return _program(run, dataset, model).trigger(state, dataset.image_shape)
+
+
+def trained_backdoor_test(run: AttackRun, dataset: Dataset, trigger: Any) -> PoisonedSet:
+  """The backdoor test set of a trained ``trigger`` (it ignores keys)."""
+  return attacks.backdoor_test_set(dataset.x_test, dataset.y_test, trigger, target=run.target,
+                                   label_mode=run.mode, num_classes=dataset.num_classes)
 
 
 def _normalization(dataset: Dataset) -> Normalization:
@@ -251,10 +280,16 @@ def _normalization(dataset: Dataset) -> Normalization:
 
 
 def rebuild(run: AttackRun, variables_from: Callable[[Any], Any], *,
-            progress: bool = False) -> Backdoored:
-  """A backdoored model from its config, its weights from ``variables_from(like)`` (a crafted
-  trigger is crafted again, deterministically from ``run.seed``)."""
-  dataset, model, _, backdoor_test = prepare(run, progress=progress)
+            backdoor_test: PoisonedSet | None = None, progress: bool = False) -> Backdoored:
+  """A backdoored model from its config, its weights from ``variables_from(like)``, measured on
+  ``backdoor_test`` (a stored one); without it, a crafted trigger is crafted again,
+  deterministically from ``run.seed``."""
+  if backdoor_test is None:
+    dataset, model, _, backdoor_test = prepare(run, progress=progress)
+    check_field(backdoor_test is not None, "the stored backdoor test set", None,
+                f"present for a {run.attack} run, whose trigger is trained with the model")
+  else:
+    dataset, model = data_and_model(run)
   partial = Backdoored(run, dataset, model, None, backdoor_test)
   partial.variables = variables_from(partial.like())
   return partial

@@ -3,8 +3,11 @@
 A run directory holds ``config.json`` (the full attack config, the model spec and the dataset
 spec, and for a defense its config and reserved-set draw), ``metrics.json`` (the table row and
 any warnings), ``metrics.csv`` and ``curves.png`` (per epoch), ``log.txt``, the orbax checkpoint
-``variables/`` and ``manifest.json``. A defense run embeds what it needs from its attack run,
-so it loads on its own, and it stores no path: run directories can be moved.
+``variables/``, the backdoor test set ``backdoor_test.npz`` (uint8 images, labels, true labels;
+loading a run reads it instead of building the trigger again), for an attack whose trigger trains
+with the model (input-aware) the trigger's variables ``trigger/``, and ``manifest.json``. A
+defense run embeds what it needs from its attack run (its backdoor test set too), so it loads on
+its own, and it stores no path: run directories can be moved.
 """
 from __future__ import annotations
 
@@ -13,12 +16,13 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import optax
 
 from d3jax import checkpoint, curves
+from d3jax.attacks import PoisonedSet
 from d3jax.metrics import BackdoorMetrics
 from d3jax import pipeline
 from d3jax.pipeline import (AttackRun, Backdoored, ReservedSplit, accuracy_on, dataset_spec,
@@ -27,6 +31,31 @@ from d3jax.train import TrainState, predict_logits
 
 LOG = logging.getLogger("d3jax")
 KINDS = ("attack", "defense")
+BACKDOOR_TEST = "backdoor_test.npz"  # the backdoor test set, stored since issue 8
+TRIGGER = "trigger"  # checkpoint of a trained trigger's variables (input-aware's generators)
+
+
+def save_backdoor_test(run_dir: Path, backdoor_test: PoisonedSet) -> Path:
+  """Writes the backdoor test set (uint8 images, labels, true labels) into ``run_dir``."""
+  return checkpoint.save_arrays(Path(run_dir) / BACKDOOR_TEST, backdoor_test._asdict())
+
+
+def load_backdoor_test(run_dir: Path, image_shape: tuple[int, ...]) -> PoisonedSet | None:
+  """The stored backdoor test set of ``run_dir``, or None for runs written before it was stored.
+
+  Raises:
+    ValueError: the file is damaged or its images are not uint8 of ``image_shape``.
+  """
+  path = Path(run_dir) / BACKDOOR_TEST
+  if not path.is_file():
+    return None
+  stored = PoisonedSet(**checkpoint.load_arrays(path, PoisonedSet._fields))
+  if stored.x.dtype != np.uint8 or stored.x.shape[1:] != tuple(image_shape) or \
+      not len(stored.x) == len(stored.y) == len(stored.is_poison) == len(stored.y_orig):
+    raise ValueError(f"{path} holds images {stored.x.dtype} {stored.x.shape} and "
+                     f"{len(stored.y)} labels; expected uint8 images of shape (N, "
+                     f"{', '.join(map(str, image_shape))}) with N labels, the file is damaged.")
+  return stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +90,11 @@ class Recorder:
   since the last one, and after the last epoch."""
 
   def __init__(self, stage: Path, backdoored: Backdoored, epochs: int, tracking: Tracking,
-               heldout: tuple[np.ndarray, np.ndarray] | None = None):
+               heldout: tuple[np.ndarray, np.ndarray] | None = None,
+               backdoor_test_of: Callable[[TrainState], PoisonedSet] | None = None):
     self.csv = stage / "metrics.csv"
     self.backdoored, self.epochs, self.tracking, self.heldout = backdoored, epochs, tracking, heldout
+    self.backdoor_test_of = backdoor_test_of  # for a trigger trained with the model
     self.checkpoints = checkpoint.EpochCheckpoints(stage / "checkpoints")
     self.start = self.last_save = time.perf_counter()
 
@@ -95,7 +126,10 @@ class Recorder:
       row["heldout_acc"] = float(np.mean(logits.argmax(-1) == labels))
     every = self.tracking.eval_every
     if done == self.epochs or (every and done % every == 0):
-      row.update(self.backdoored.measure(variables)._asdict())
+      backdoored = self.backdoored
+      if self.backdoor_test_of is not None:
+        backdoored = dataclasses.replace(backdoored, backdoor_test=self.backdoor_test_of(state))
+      row.update(backdoored.measure(variables)._asdict())
     curves.append_row(self.csv, row)
     LOG.info("epoch %d/%d  %s", done, self.epochs, "  ".join(
         f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "wall_s")))
@@ -150,9 +184,16 @@ class RunWriter:
       return
     checkpoint.save_json(path, config)
 
-  def finish(self, variables: Any, metrics: dict, title: str) -> Path:
+  def finish(self, variables: Any, metrics: dict, title: str,
+             backdoored: Backdoored | None = None) -> Path:
+    """Saves the run and renames it into place; with ``backdoored``, also its backdoor test set
+    (and a trained trigger's variables), so loading the run does not build the trigger again."""
     checkpoint.save_run(self.stage, variables, config=checkpoint.load_json(self.stage, "config.json"),
                         metrics=metrics)
+    if backdoored is not None:
+      save_backdoor_test(self.stage, backdoored.backdoor_test)
+      if backdoored.trigger_variables is not None:
+        checkpoint.save_variables(self.stage, backdoored.trigger_variables, TRIGGER)
     curves.plot(self.stage / "metrics.csv", self.stage / "curves.png", title)
     LOG.removeHandler(self._handler)
     self._handler.close()
@@ -201,13 +242,33 @@ def load(run_dir: str | Path) -> LoadedRun:
     raise ValueError(f"{path / 'config.json'} has no 'kind' of {KINDS}; it was not written by "
                      "d3jax attack or defend.")
   run = AttackRun.from_json(config.get("attack"))
-  backdoored = rebuild(run, lambda like: checkpoint.load_variables(path, like))
+  image_shape = (config.get("model") or {}).get("image_shape") or ()
+  backdoored = rebuild(run, lambda like: checkpoint.load_variables(path, like),
+                       backdoor_test=load_backdoor_test(path, tuple(image_shape)))
   spec = dataset_spec(run, backdoored.dataset)
   if spec != config.get("dataset"):
     changed = [k for k in spec if spec[k] != (config.get("dataset") or {}).get(k)]
     raise ValueError(f"the dataset of run {run_dir} ({run.dataset}) differs from the one it was "
                      f"made with ({', '.join(changed)} changed); restore the original data.")
   return LoadedRun(path, config, checkpoint.load_json(path, "metrics.json"), backdoored)
+
+
+def load_trigger(loaded: LoadedRun) -> Any:
+  """The trained trigger of an attack run whose trigger trains with the model (input-aware),
+  from the generator variables saved in the run.
+
+  Raises:
+    ValueError: the run's attack has no trained trigger.
+  """
+  run = loaded.backdoored.run
+  config = run.attack_config()
+  if not getattr(config, "trained_trigger", False):
+    raise ValueError(f"the {run.attack} attack has no trained trigger to load; only input_aware "
+                     "trains its trigger with the model.")
+  dataset = loaded.backdoored.dataset
+  variables = checkpoint.load_variables(loaded.path, config.variables_like(dataset.image_shape[-1]),
+                                        TRIGGER)
+  return config.trained(dataset.image_shape, loaded.backdoored.normalization, variables)
 
 
 def training_accuracy(backdoored: Backdoored, variables: Any, images: np.ndarray,
@@ -229,7 +290,12 @@ def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False, re
   with writer:
     shell = Backdoored(run, dataset, model, None, backdoor_test)
     writer.start(attack_config(run, shell))
-    recorder = Recorder(writer.stage, shell, run.train.epochs, tracking)
+    trained = None
+    if backdoor_test is None:  # the trigger trains with the model (input-aware)
+      def trained(state):
+        return pipeline.trained_backdoor_test(
+            run, dataset, pipeline.trained_trigger(run, dataset, model, state))
+    recorder = Recorder(writer.stage, shell, run.train.epochs, tracking, backdoor_test_of=trained)
     try:
       backdoored = pipeline.attack(run, progress=tracking.progress, callback=recorder,
                                    restore=recorder.restore, prepared=prepared)
@@ -240,7 +306,7 @@ def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False, re
         "its poisoned training set")
     row = table_row(run.attack, "none", backdoored.baseline)
     metrics = {**row, "warnings": warnings, "wall_time_s": time.perf_counter() - start}
-    path = writer.finish(backdoored.variables, metrics, f"attack {run.attack}")
+    path = writer.finish(backdoored.variables, metrics, f"attack {run.attack}", backdoored)
   return LoadedRun(path, checkpoint.load_json(path, "config.json"), metrics, backdoored), row
 
 
@@ -276,5 +342,6 @@ def write_defense(source: LoadedRun, name: str, config: Any, split: ReservedSpli
                                  "its reserved training data")
     row = table_row(backdoored.run.attack, name, backdoored.measure(variables), backdoored.baseline)
     metrics = {**row, "warnings": warnings, "wall_time_s": time.perf_counter() - start}
-    path = writer.finish(variables, metrics, f"{backdoored.run.attack} → {name}")
+    path = writer.finish(variables, metrics, f"{backdoored.run.attack} → {name}",
+                         dataclasses.replace(backdoored, trigger_variables=None))
   return path, [before, row]

@@ -244,6 +244,13 @@ class Program:
     return state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
                          batch_stats=batch_stats, opt_state=opt_state)
 
+  def begin(self, state: TrainState, images: jax.Array, labels: jax.Array, *,
+            progress: bool = False) -> TrainState:
+    """A stage that runs once before the first epoch (:func:`train` calls it on a state at step
+    0, not on a resumed one); none here. Attacks with a pre-training stage override it."""
+    del images, labels, progress
+    return state
+
   def step(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on ``batch`` (augmented and normalized here)."""
     recipe = self.recipe
@@ -450,13 +457,25 @@ def train(program: Program, variables: PyTree, images: np.ndarray | jax.Array,
   ``restore(fresh_state)`` may return a saved state of the same run to continue from (resume);
   the result equals the uninterrupted run's.
   """
+  state, history = train_state(program, variables, images, labels, key, hparams=hparams, desc=desc,
+                               progress=progress, callback=callback, restore=restore)
+  return state.variables, history
+
+
+def train_state(program: Program, variables: PyTree, images: np.ndarray | jax.Array,
+                labels: np.ndarray | jax.Array, key: jax.Array, *,
+                hparams: Hyperparams | None = None, desc: str = "train", progress: bool = True,
+                callback: EpochCallback | None = None, restore: Restore | None = None
+                ) -> tuple[TrainState, dict[str, np.ndarray]]:
+  """:func:`train`, returning the final state (with whatever else the program trains, such as
+  an attack's generators) instead of the model's variables."""
   images, labels = jnp.asarray(images), jnp.asarray(labels)
   state = init_state(program, variables, images.shape[0], key, hparams)
   if restore is not None:
     state = restore(state)
-  state, history = fit(program, state, images, labels, desc=desc, progress=progress,
-                       callback=callback)
-  return state.variables, history
+  if int(np.asarray(state.step).reshape(-1)[0]) == 0:
+    state = program.begin(state, images, labels, progress=progress)
+  return fit(program, state, images, labels, desc=desc, progress=progress, callback=callback)
 
 
 @dataclasses.dataclass(frozen=True)

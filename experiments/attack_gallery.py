@@ -41,7 +41,9 @@ def main() -> None:
   recipe = AttackTrainConfig(epochs=args.clean_epochs, learning_rate=0.05, cosine_t_max=args.clean_epochs)
   clean = train_clean(model, dataset, normalization, recipe, key)
   # The adaptive attack trains a base attack's trigger with SAM: its row would repeat BadNets'.
-  configs = {name: attacks.get(name) for name in attacks.names() if name != "adaptive"}
+  # Input-aware's trigger is trained with its model: it has none before an attack run.
+  configs = {name: attacks.get(name) for name in attacks.names() if name != "adaptive"
+             and not getattr(attacks.get(name), "trained_trigger", False)}
   configs["lf"] = attacks.get("lf", max_passes=args.lf_passes)
   configs["ssba"] = attacks.get("ssba", steps=args.ssba_steps)
   triggers = {name: build_trigger(config, dataset, model=model, normalization=normalization,

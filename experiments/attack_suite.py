@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from d3jax import attacks, train
+from d3jax.attacks import backdoor_test_set
 from d3jax.attacks.training import (AttackTrainConfig, attack_program, attack_sets, build_trigger,
                                     train_clean)
 from d3jax.data import load_dataset
@@ -59,9 +60,14 @@ def run_dataset(name: str, attack_names: list[str], args: argparse.Namespace) ->
                                      label_mode=label_mode, key=jax.random.fold_in(key, 4))
     program = attack_program(config, model, normalization, recipe, ratio=ratio, target=0,
                              label_mode=label_mode, num_classes=dataset.num_classes)
-    variables = train.train(program, train.init_variables(model, dataset.image_shape, jax.random.fold_in(key, 1)),
-                            train_set.x, train_set.y, jax.random.fold_in(key, 2),
-                            desc=f"{name} {attack_name}")[0]
+    state = train.train_state(program, train.init_variables(model, dataset.image_shape, jax.random.fold_in(key, 1)),
+                              train_set.x, train_set.y, jax.random.fold_in(key, 2),
+                              desc=f"{name} {attack_name}")[0]
+    variables = state.variables
+    if bd_test is None:  # the trigger trained with the model (input-aware)
+      bd_test = backdoor_test_set(dataset.x_test, dataset.y_test,
+                                  program.trigger(state, dataset.image_shape), target=0,
+                                  label_mode=label_mode, num_classes=dataset.num_classes)
     measured = evaluate(model, variables, dataset.x_test, dataset.y_test, bd_test, normalization,
                         untargeted=label_mode == "untargeted")
     rows.append({"dataset": name, "model": f"{model_name} {options}", "attack": attack_name,

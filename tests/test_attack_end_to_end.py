@@ -82,3 +82,17 @@ def test_adaptive_sam_attack(setting, digits, rbg_key):
                              poisoned.x, poisoned.y, rbg_key, progress=False)
   measured = _measure(setting, variables, digits, bd_test)
   assert measured.asr >= 0.8 and measured.acc >= 0.85, measured
+
+
+def test_ssba_encoder_backdoor_is_learned(setting, digits, rbg_key):
+  """SSBA with a tiny encoder (60 steps, L2 weight 0.02: a residual of about 6 of 255 per pixel
+  on average) poisoning 10% of digits: the sample-specific backdoor is learned."""
+  model, normalization = setting
+  config = get("ssba", bits=8, width=8, steps=60, batch_size=32, l2_weight=0.02)
+  trigger = config.trigger(digits.image_shape, key=rbg_key,
+                           clean=attacks.CleanModel(model, None, normalization, digits.x_train,
+                                                    digits.y_train))
+  poisoned, bd_test = poison_dataset(digits, trigger, ratio=0.1, key=rbg_key)
+  measured = _measure(setting, _fit(setting, poisoned, rbg_key), digits, bd_test)
+  print(f"ssba encoder digits: {measured}")
+  assert measured.asr >= 0.5 and measured.acc >= 0.85, measured

@@ -17,6 +17,10 @@ PUBLISHED = {
                  "step_size": 0.1, "epsilon": 0.3, "tolerance": 1e-3, "wrap": False},
     "ssba": {"bits": 100},
     "wanet": {"k": 4, "strength": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0},
+    "input_aware": {"width": 32, "depth": 3, "mask_epochs": 25, "cross_ratio": 0.1,
+                    "lambda_div": 1.0, "lambda_norm": 100.0, "mask_density": 0.032,
+                    "generator_lr": 0.01, "mask_lr": 0.01, "generator_milestones": "200,300,400,500",
+                    "mask_milestones": "10,20", "gamma": 0.1, "conv": "auto"},
 }
 
 

@@ -1,12 +1,13 @@
 """Every registered attack through ``d3jax attack --attack NAME`` and back through ``runs.load``
 (digits, width-4 small CNN, one epoch, small crafting budgets), label-mode defaults and refusals,
 and the untargeted ASR (D3 supplement Sec. 8.6, Table 11) in every table row."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
-from d3jax import attacks, cli, curves, runs
+from d3jax import attacks, cli, curves, pipeline, runs
 from d3jax.attacks import untargeted_success_rate
 from d3jax.pipeline import AttackRun
 from d3jax.train import predict
@@ -21,6 +22,7 @@ EXTRA = {
     "sig": ["--ratio", "0.05"],
     "ssba": ["--attack-options", "bits", "8", "width", "4", "steps", "5", "batch_size", "16"],
     "trojannn": ["--attack-options", "steps", "5"],
+    "input_aware": ["--attack-options", "width", "4", "depth", "1", "mask_epochs", "1"],
 }
 
 
@@ -77,3 +79,59 @@ def test_untargeted_rows_use_the_untargeted_success_rate(tmp_path, capsys):
   assert backdoored.baseline.asr == pytest.approx(expected, abs=1e-6)
   assert written["ra"] == pytest.approx(np.mean(triggered == backdoored.dataset.y_test), abs=1e-6)
   assert "badnets" in capsys.readouterr().out
+
+
+SSBA_TINY = ["--attack-options", "bits", "8", "width", "4", "steps", "5", "batch_size", "16"]
+
+
+def _same_sets(a, b):
+  for field in a._fields:
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def test_a_loaded_run_uses_its_stored_backdoor_test_set(tmp_path, monkeypatch):
+  """An attack run stores its backdoor test set (uint8, in the manifest); loading it equals the
+  freshly built set without building the trigger again, and a run written before the set was
+  stored (no file) still loads by rebuilding it."""
+  out = tmp_path / "ssba"
+  assert cli.main(["attack", "--out", str(out), "--attack", "ssba", *TINY, *SSBA_TINY]) == 0
+  manifest = json.loads((out / "manifest.json").read_text())["sha256"]
+  assert runs.BACKDOOR_TEST in manifest and not any(k.startswith("trigger/") for k in manifest)
+  run = AttackRun.from_json(json.loads((out / "config.json").read_text())["attack"])
+  fresh = pipeline.prepare(run, progress=False)[3]
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("the trigger was built again")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(pipeline, "build_trigger", refuse)
+    stored = runs.load(out).backdoored.backdoor_test
+  assert stored.x.dtype == np.uint8
+  _same_sets(stored, fresh)
+  (out / runs.BACKDOOR_TEST).unlink()  # an older run: no stored set
+  del manifest[runs.BACKDOOR_TEST]
+  (out / "manifest.json").write_text(json.dumps({"sha256": manifest}))
+  _same_sets(runs.load(out).backdoored.backdoor_test, fresh)
+
+
+def test_input_aware_run_stores_its_generators(tmp_path, monkeypatch):
+  """An input-aware run's backdoor test set comes from its trained generators, which the run
+  saves: the reloaded trigger rebuilds exactly the stored set; a defense run stores the set too."""
+  out = tmp_path / "input_aware"
+  assert _attack(out, "input_aware") == 0
+  monkeypatch.setattr(pipeline, "build_trigger", lambda *a, **k: 1 / 0)
+  loaded = runs.load(out)
+  bd = loaded.backdoored.backdoor_test
+  dataset = loaded.backdoored.dataset
+  keep = dataset.y_test != 0
+  np.testing.assert_array_equal(bd.y_orig, dataset.y_test[keep])
+  assert (bd.y == 0).all() and not np.array_equal(bd.x, dataset.x_test[keep])
+  trigger = runs.load_trigger(loaded)
+  np.testing.assert_array_equal(np.asarray(trigger(dataset.x_test[keep])), bd.x)
+  defended = tmp_path / "defended"
+  assert cli.main(["defend", "--attack-run", str(out), "--out", str(defended), "ft", "--epochs", "1",
+                   "--batch-size", "32", "--reserved.ratio", "0.1", "--quiet"]) == 0
+  _same_sets(runs.load(defended).backdoored.backdoor_test, bd)
+  with pytest.raises(ValueError, match="the ssba attack has no trained trigger"):
+    runs.load_trigger(dataclasses.replace(loaded, backdoored=dataclasses.replace(
+        loaded.backdoored, run=AttackRun(attack="ssba"))))

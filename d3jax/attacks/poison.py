@@ -12,6 +12,7 @@ misclassification, D3 supplement Sec. 8.6, :func:`untargeted_success_rate`).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Sequence
 
 import jax
@@ -37,6 +38,40 @@ class PoisonedSet(NamedTuple):
   y: np.ndarray
   is_poison: np.ndarray
   y_orig: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Replacement:
+  """Pre-generated poisoned copies of a whole image set (BackdoorBench's SSBA resource arrays):
+  poisoning sample i takes row i of ``images``. Only :func:`poison` and
+  :func:`backdoor_test_set` apply it, as they know the indices.
+
+  Attributes:
+    images: uint8 (N, H, W, C), aligned with the set it poisons.
+    name: the attack's name.
+  """
+  images: np.ndarray = dataclasses.field(repr=False)
+  name: str = "replacement"
+  label_modes: tuple[str, ...] = LABEL_MODES
+
+  def __call__(self, images: Any, key: jax.Array | None = None) -> jax.Array:
+    raise ValueError(f"{self.name}: pre-generated images replace samples by index; poison with "
+                     "d3jax.attacks.poison or backdoor_test_set, not by calling the trigger.")
+
+  def rows(self, images: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Rows ``index`` of the replacement of ``images``."""
+    if self.images.shape != images.shape or self.images.dtype != np.uint8:
+      raise ValueError(f"{self.name}: the pre-generated images are {self.images.dtype} "
+                       f"{self.images.shape} but the set they replace is uint8 {images.shape}.")
+    return self.images[index]
+
+
+def _triggered(trigger: Trigger, images: np.ndarray, index: np.ndarray,
+               key: jax.Array | None) -> np.ndarray:
+  """``images[index]`` with the trigger (a :class:`Replacement` by index)."""
+  if isinstance(trigger, Replacement):
+    return trigger.rows(images, index)
+  return apply_trigger(trigger, images[index], key)
 
 
 def apply_trigger(trigger: Trigger, images: np.ndarray, key: jax.Array | None = None,
@@ -115,7 +150,7 @@ def poison_multi(x: Any, y: Any, attacks: Sequence[tuple[Trigger, int]], *, rati
     chosen = np.asarray(jax.random.choice(draw_key, len(pool), (count,), replace=False))
     index = np.sort(pool[chosen])
     source[index] = k
-    x_out[index] = apply_trigger(trigger, x[index], trigger_key)
+    x_out[index] = _triggered(trigger, x, index, trigger_key)
     y_out[index] = _map_labels(y[index], target, label_mode, num_classes,
                                jax.random.fold_in(draw_key, 1))
   return PoisonedSet(x_out, y_out, source >= 0, y), source
@@ -141,7 +176,7 @@ def backdoor_test_set(x_test: Any, y_test: Any, trigger: Trigger, *, target: int
   # Clean-label poisoning keeps training labels, but its backdoor still sends inputs to the target.
   test_mode = "all2one" if label_mode == "clean_label" else label_mode
   labels = y_orig if label_mode == "untargeted" else _map_labels(y_orig, target, test_mode, num_classes)
-  return PoisonedSet(apply_trigger(trigger, x_test[keep], key), labels,
+  return PoisonedSet(_triggered(trigger, x_test, np.flatnonzero(keep), key), labels,
                      np.ones(len(y_orig), bool), y_orig)
 
 
@@ -166,9 +201,10 @@ def untargeted_success_rate(clean_predictions: Any, triggered_predictions: Any, 
 
 
 def poison_dataset(dataset: Dataset, trigger: Trigger, *, ratio: float, target: int = 0,
-                   label_mode: str = "all2one",
-                   key: jax.Array) -> tuple[PoisonedSet, PoisonedSet]:
-  """Poisons ``dataset``'s training split and builds its backdoor test set.
+                   label_mode: str = "all2one", key: jax.Array,
+                   test_trigger: Trigger | None = None) -> tuple[PoisonedSet, PoisonedSet]:
+  """Poisons ``dataset``'s training split and builds its backdoor test set (with
+  ``test_trigger`` when given, e.g. the test half of pre-generated :class:`Replacement` images).
 
   Returns:
     ``(train, bd_test)`` from :func:`poison` and :func:`backdoor_test_set`, with
@@ -177,7 +213,7 @@ def poison_dataset(dataset: Dataset, trigger: Trigger, *, ratio: float, target: 
   train_key, test_key = jax.random.split(key)
   train = poison(dataset.x_train, dataset.y_train, trigger, ratio=ratio, target=target,
                  label_mode=label_mode, num_classes=dataset.num_classes, key=train_key)
-  bd_test = backdoor_test_set(dataset.x_test, dataset.y_test, trigger, target=target,
+  bd_test = backdoor_test_set(dataset.x_test, dataset.y_test, test_trigger or trigger, target=target,
                               label_mode=label_mode, num_classes=dataset.num_classes,
                               key=test_key)
   return train, bd_test

@@ -13,7 +13,8 @@ clean model or clean images (LF without a pattern file, TrojanNN, SSBA) need ``c
 A training-controlled config also has ``trains_on`` (``"clean"``: its program poisons every batch
 itself, as WaNet's; ``"poisoned"``: it trains on a set poisoned with its trigger, as the adaptive
 attack) and ``program(model, recipe, normalization, *, ratio, target, label_mode, num_classes)``,
-its :class:`d3jax.train.Program`; :func:`d3jax.attacks.training.attack_sets` and
+its :class:`d3jax.train.Program`; one whose trigger is trained with the model (input-aware) has
+``trained_trigger = True``, and its program's ``trigger(state, image_shape)`` gives the trigger; :func:`d3jax.attacks.training.attack_sets` and
 :func:`d3jax.attacks.training.attack_program` pick what every attack trains on and with.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 import jax
 
 from d3jax.attacks.adaptive import AdaptiveConfig
+from d3jax.attacks.input_aware import InputAwareConfig
 from d3jax.attacks.lf import LFConfig
 from d3jax.attacks.ssba import SSBAConfig
 from d3jax.attacks.triggers import LABEL_MODES, SIG, BadNets, Blended, ImageShape, Trigger
@@ -117,7 +119,7 @@ class SIGConfig:
 
 _ATTACKS: dict[str, type] = {config.name: config for config in (
     BadNetsConfig, BlendedConfig, SIGConfig, LFConfig, SSBAConfig, TrojanNNConfig, WaNetConfig,
-    AdaptiveConfig)}
+    InputAwareConfig, AdaptiveConfig)}
 
 
 def names() -> tuple[str, ...]:

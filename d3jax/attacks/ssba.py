@@ -11,6 +11,8 @@ weight w ramped linearly from 0 over the first half of training (StegaStamp's ra
 from __future__ import annotations
 
 import dataclasses
+import os
+import zipfile
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -20,8 +22,9 @@ import numpy as np
 import optax
 
 from d3jax.attacks.clean import CleanModel, unit
+from d3jax.attacks.poison import Replacement
 from d3jax.attacks.triggers import LABEL_MODES, ImageShape, _check_batch, _image_shape
-from d3jax.data.dataset import validate_images
+from d3jax.data.dataset import Dataset, validate_images
 from d3jax.models.conv import Conv
 
 
@@ -65,6 +68,10 @@ class SSBAConfig:
   losses, for ``steps`` Adam steps; the fixed string is ``bits`` random bits from ``seed``, not
   BCH-coded (nothing decodes it but the backdoored model).
 
+  Pre-generated images, as BackdoorBench uses them: ``train_file`` and ``test_file`` name .npy
+  (or single-array .npz) files of uint8 (N, H, W, C) images aligned with the dataset's training
+  and test order; poisoning sample i then takes row i, and no encoder is trained.
+
   Attributes:
     bits: length of the hidden string (BackdoorBench: 100).
     width: channels of the encoder and decoder convs.
@@ -73,6 +80,9 @@ class SSBAConfig:
     learning_rate: Adam's learning rate.
     l2_weight: final weight of the residual's mean square.
     seed: seed of the fixed string.
+    train_file: pre-generated poisoned training images (with ``test_file``); empty: train the
+      encoder.
+    test_file: pre-generated poisoned test images.
   """
 
   bits: int = 100
@@ -82,6 +92,8 @@ class SSBAConfig:
   learning_rate: float = 1e-3
   l2_weight: float = 2.0
   seed: int = 0
+  train_file: str = ""
+  test_file: str = ""
   name: ClassVar[str] = "ssba"
   label_modes: ClassVar[tuple[str, ...]] = LABEL_MODES
   kind: ClassVar[str] = "poison"
@@ -94,6 +106,24 @@ class SSBAConfig:
     if not self.learning_rate > 0 or self.l2_weight < 0:
       raise ValueError(
           f"SSBA learning_rate must be > 0 and l2_weight ≥ 0, got {self.learning_rate} and {self.l2_weight}.")
+    if bool(self.train_file) != bool(self.test_file):
+      raise ValueError("SSBA train_file and test_file go together: pass both pre-generated files "
+                       f"or neither, got {self.train_file!r} and {self.test_file!r}.")
+    for field in ("train_file", "test_file"):
+      if getattr(self, field):
+        object.__setattr__(self, field, os.path.abspath(getattr(self, field)))
+
+  @property
+  def pregenerated(self) -> bool:
+    """Whether poisoned images come from ``train_file``/``test_file`` instead of an encoder."""
+    return bool(self.train_file)
+
+  def load_pregenerated(self, dataset: Dataset) -> tuple[Replacement, Replacement]:
+    """The pre-generated (train, test) images as :class:`Replacement` triggers, checked against
+    ``dataset``'s images (same shapes, uint8)."""
+    return tuple(Replacement(_read_images(path, clean.shape, what), "ssba")  # type: ignore[return-value]
+                 for path, clean, what in ((self.train_file, dataset.x_train, "train_file"),
+                                           (self.test_file, dataset.x_test, "test_file")))
 
   def trigger(self, image_shape: ImageShape, *, clean: CleanModel | None = None, target: int = 0,
               key: jax.Array | None = None) -> "Encoded":
@@ -114,6 +144,26 @@ class SSBAConfig:
   def secret(self) -> np.ndarray:
     """The fixed bit string (float32 zeros and ones)."""
     return np.asarray(jax.random.bernoulli(jax.random.key(self.seed), 0.5, (self.bits,)), np.float32)
+
+
+def _read_images(path: str, shape: tuple[int, ...], what: str) -> np.ndarray:
+  """The uint8 array of ``shape`` in the .npy or single-array .npz ``path`` (never unpickles)."""
+  try:
+    with open(path, "rb") as f:
+      data = np.load(f, allow_pickle=False)
+      if isinstance(data, np.lib.npyio.NpzFile):
+        if len(data.files) != 1:
+          raise ValueError(f"SSBA {what} {path} must hold one array, found {data.files}.")
+        data = data[data.files[0]]
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    if str(err).startswith("SSBA"):
+      raise
+    raise ValueError(f"SSBA {what} {path} cannot be read as .npy/.npz ({err}).") from None
+  if data.dtype != np.uint8 or data.shape != tuple(shape):
+    raise ValueError(
+        f"SSBA {what} {path} holds {data.dtype} images of shape {data.shape}; expected uint8 of "
+        f"shape {tuple(shape)}, one poisoned copy per image of the dataset, in its order.")
+  return data
 
 
 def train_encoder(config: SSBAConfig, images: np.ndarray, key: jax.Array) -> tuple[Any, dict[str, float]]:

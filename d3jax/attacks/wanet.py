@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from d3jax.attacks.training import AttackTrainConfig
+from d3jax.attacks.training import AttackTrainConfig, BatchPoisonTraining
 from d3jax.attacks.triggers import ImageShape, _image_shape
 from d3jax.attacks.warp import Warp, grid_offsets, warp, warp_field
 from d3jax.train import Batch, Normalization, Program, TrainState
@@ -81,7 +81,7 @@ class WaNetConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class WaNetTraining(AttackTrainConfig):
+class WaNetTraining(BatchPoisonTraining):
   """The training recipe of WaNet: BackdoorBench's backdoor-training recipe plus the attack.
 
   Per batch of b samples (BackdoorBench's ``attack/wanet.py``), the first ``int(ratio·b)`` are
@@ -96,25 +96,14 @@ class WaNetTraining(AttackTrainConfig):
   probability ratio·b); the noisy grid is clipped once, after adding the noise.
 
   Attributes:
-    attack: the WaNet config (warp field and cross ratio).
-    ratio: share of each batch that is backdoored.
-    target: the target class (all2one).
-    label_mode: ``"all2one"`` or ``"all2all"`` ((y + 1) mod num_classes).
-    num_classes: the number of classes (for all2all).
+    attack: the WaNet config (warp field and cross ratio); the rest as
+      :class:`d3jax.attacks.training.BatchPoisonTraining`.
   """
   attack: WaNetConfig = WaNetConfig()
-  ratio: float = 0.1
-  target: int = 0
-  label_mode: str = "all2one"
-  num_classes: int = 10
+  title: ClassVar[str] = "WaNet"
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    if self.label_mode not in WaNetConfig.label_modes:
-      raise ValueError(
-          f"WaNet supports label_mode {', '.join(WaNetConfig.label_modes)}, got {self.label_mode!r}.")
-    if not 0 <= self.target < self.num_classes:
-      raise ValueError(f"WaNet target must be a class in [0, {self.num_classes}), got {self.target}.")
     if self.counts[0] + self.counts[1] > self.batch_size:
       raise ValueError(
           f"WaNet ratio {self.ratio} with cross_ratio {self.attack.cross_ratio} needs "
@@ -153,8 +142,4 @@ def poison_batch(recipe: WaNetTraining, images: jax.Array, labels: jax.Array,
   x = images.astype(jnp.float32)
   warped = warp(x[:backdoor + cross], grids)
   x = jnp.concatenate([warped, x[backdoor + cross:]])
-  if recipe.label_mode == "all2one":
-    new = jnp.full((backdoor,), recipe.target, labels.dtype)
-  else:
-    new = (labels[:backdoor] + 1) % recipe.num_classes
-  return x, jnp.concatenate([new, labels[backdoor:]])
+  return x, jnp.concatenate([recipe.backdoor_labels(labels[:backdoor]), labels[backdoor:]])
