@@ -121,20 +121,23 @@ def main() -> None:
   args.grid = parse_grid(args.grid)
   cases = []
   start = time.perf_counter()
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
   for dataset in args.datasets:
     for attack in args.attacks:
       for seed in range(args.seeds):
         cases.append(one_case(dataset, attack, seed, args))
         print(f"[{time.perf_counter() - start:6.0f}s] {dataset} {attack} seed {seed}", flush=True)
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
+        write(out, cases, args, time.perf_counter() - start)  # an interrupted run keeps its cases
+  print(out.read_text())
+
+
+def write(out: Path, cases: list[dict], args: argparse.Namespace, wall_s: float) -> None:
   out.with_suffix(".json").write_text(json.dumps(cases, indent=1) + "\n")
-  text = (f"# Test-free choice of λ and ε vs the grid's best in hindsight\n\n`{' '.join(sys.argv)}`"
-          f"\n\nGrid {args.grid}; D3 {args.epochs} epochs; reserved {args.reserved:g} with "
-          f"{args.holdout:g} held out; {args.seeds} seeds; wall time "
-          f"{time.perf_counter() - start:.0f} s.\n\n" + report(cases, args.budgets) + "\n")
-  out.write_text(text)
-  print(text)
+  out.write_text(f"# Test-free choice of λ and ε vs the grid's best in hindsight\n\n`{' '.join(sys.argv)}`"
+                 f"\n\nGrid {args.grid}; D3 {args.epochs} epochs; reserved {args.reserved:g} with "
+                 f"{args.holdout:g} held out; {args.seeds} seeds; {len(cases)} cases; wall time "
+                 f"{wall_s:.0f} s.\n\n" + report(cases, args.budgets) + "\n")
 
 
 if __name__ == "__main__":
