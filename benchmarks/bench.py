@@ -174,7 +174,8 @@ def interleaved(sides: dict, rounds: int, steps: int) -> dict[str, float]:
   return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...]) -> list[dict]:
+def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tuple[str, ...]
+                ) -> list[dict]:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 128).astype(np.int32)
@@ -182,6 +183,8 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...]) -> list[di
   t_labels = torch.from_numpy(labels).long()
   rows = []
   for name, width in (("small_cnn", 32), ("preact_resnet18", 64)):
+    if name not in models:
+      continue
     for kind in ("d3", "sgd"):
       sides, compile_s = {}, {}
       lowerings = ("im2col", "lax") if name in lax_models else ("im2col",)
@@ -293,6 +296,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=2, help="steps per side per round")
   parser.add_argument("--lax-models", default="small_cnn",
                       help="models whose step is also timed with XLA's own convolution")
+  parser.add_argument("--step-models", default="small_cnn,preact_resnet18",
+                      help="models whose steps are timed")
   parser.add_argument("--grid-small", default="1,4,8", help="grid sizes for the small CNN")
   parser.add_argument("--grid-resnet", default="1,4", help="grid sizes for PreAct-ResNet18")
   parser.add_argument("--json", default=None, help="write every row here")
@@ -301,7 +306,8 @@ def main() -> None:
   print(json.dumps(results["machine"]), flush=True)
   sections = args.sections.split(",")
   if "steps" in sections:
-    results["steps"] = bench_steps(args.rounds, args.steps, tuple(args.lax_models.split(",")))
+    results["steps"] = bench_steps(args.rounds, args.steps, tuple(args.lax_models.split(",")),
+                                   tuple(args.step_models.split(",")))
   if "eval" in sections:
     results["eval"] = bench_eval(args.rounds)
   if "grid" in sections:
