@@ -5,7 +5,7 @@ every attack fit a session, the defenses of all of them do not.
 Run:  .venv/bin/python experiments/table_attacks_first.py --out runs/table-mnist5k \
         --all-attacks badnets blended sig ... -- <d3jax table flags for the defended subset>
 The table flags after ``--`` are those of ``d3jax table`` (its --attacks is the defended subset);
-the attack rows are printed as a markdown table and written to <out>/attacks.md.
+the attack rows are printed as a markdown table and written to <out>/attacks-<names>.md.
 """
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from d3jax import checkpoint, cli, compile_cache, runs, table
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--all-attacks", nargs="+", required=True)
+  parser.add_argument("--attacks-only", action="store_true",
+                      help="only the attack rows (e.g. beside another process running the table)")
   args, rest = parser.parse_known_args()
   compile_cache.enable()
   command = cli.parse(["table", *[a for a in rest if a != "--"]])
@@ -33,9 +35,11 @@ def main() -> None:
     metrics = checkpoint.load_json(out / "attacks" / f"{attack}-s0", "metrics.json")
     lines.append(f"| {attack} | {100 * metrics['acc']:.2f} | {100 * metrics['asr']:.2f} | "
                  f"{100 * metrics['ra']:.2f} | {spec.train.epochs} | {metrics['wall_time_s']:.0f} |")
-    (out / "attacks.md").write_text("\n".join(lines) + "\n")
+    (out / f"attacks-{'-'.join(spec.attacks)}.md").write_text("\n".join(lines) + "\n")
     print(lines[-1], flush=True)
     del loaded
+  if args.attacks_only:
+    return
   table.run_table(command.spec, out, progress=False)
   print((out / "table.txt").read_text())
 
