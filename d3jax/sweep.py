@@ -3,8 +3,8 @@
 A grid of G runs is one :class:`d3jax.train.TrainState` stacked on a leading axis and trained by
 ``jax.vmap`` of the defense's jitted epoch (:func:`d3jax.train.grid_axes`): one compilation and
 one dispatch per epoch serve every run. On one CPU device the vmap holds one run at a time and the
-runs are scanned inside the same program (:func:`d3jax.train.grid_vmap_width`: batched matmuls
-of per-run weights measured slower there than the same matmuls in turn). The grid axis is laid out over ``jax.devices()`` with a
+runs are scanned inside the same program by default (:func:`d3jax.train.grid_vmap_width`, measured
+faster for the small CNN; ``vmap_width=None`` vmaps the whole chunk, faster for PreAct-ResNet18). The grid axis is laid out over ``jax.devices()`` with a
 ``Mesh`` and ``NamedSharding`` (one CPU, several GPUs or a TPU slice alike); when G is larger than
 ``chunk_size`` the grid runs in chunks of that many runs. For multi-host runs, call
 ``jax.distributed.initialize()`` first on every host: ``jax.devices()`` then lists every host's
