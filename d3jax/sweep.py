@@ -4,7 +4,8 @@ A grid of G runs is one :class:`d3jax.train.TrainState` stacked on a leading axi
 ``jax.vmap`` of the defense's jitted epoch (:func:`d3jax.train.grid_axes`): one compilation and
 one dispatch per epoch serve every run. On one CPU device the vmap holds one run at a time and the
 runs are scanned inside the same program by default (:func:`d3jax.train.grid_vmap_width`, measured
-faster for the small CNN; ``vmap_width=None`` vmaps the whole chunk, faster for PreAct-ResNet18). The grid axis is laid out over ``jax.devices()`` with a
+faster for the small CNN; ``vmap_width=None`` vmaps the whole chunk, faster for PreAct-ResNet18).
+The grid axis is laid out over ``jax.devices()`` with a
 ``Mesh`` and ``NamedSharding`` (one CPU, several GPUs or a TPU slice alike); when G is larger than
 ``chunk_size`` the grid runs in chunks of that many runs. For multi-host runs, call
 ``jax.distributed.initialize()`` first on every host: ``jax.devices()`` then lists every host's
@@ -82,7 +83,7 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   and every seed, as one vmapped program per chunk, sharded over ``devices``.
 
   ``vmap_width`` runs share one vmap inside a chunk's program (the vmapped groups are scanned);
-  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, measured faster),
+  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, measured faster for the small CNN),
   None vmaps the whole chunk.
 
   Returns the defended variables of each run (a list, grid-major then seed) and a log with the
@@ -107,10 +108,6 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   chunk = -(-chunk // width) * width  # a multiple of the device count
   if vmap_width == "auto":
     vmap_width = grid_vmap_width(chunk, width)
-  elif vmap_width is not None and (isinstance(vmap_width, bool) or not isinstance(vmap_width, int)
-                                   or vmap_width < 1 or chunk % vmap_width):
-    raise ValueError(f"vmap_width must be 'auto', None or a positive divisor of the chunk's "
-                     f"{chunk} runs, got {vmap_width!r}.")
   replicated = NamedSharding(mesh, PartitionSpec())
   images, labels = jax.device_put((jnp.asarray(images), jnp.asarray(labels)), replicated)
 

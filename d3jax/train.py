@@ -390,8 +390,10 @@ def train_epoch(program: Program, state: TrainState, images: jax.Array, labels: 
   if axes is None:
     return epoch_fn(program, axes, None, state, images, labels)
   size = jax.tree.leaves(state.params)[0].shape[0]
-  if vmap_width is not None and (vmap_width < 1 or size % vmap_width):
-    raise ValueError(f"vmap_width must divide the grid's {size} runs, got {vmap_width!r}.")
+  if vmap_width is not None and (isinstance(vmap_width, bool) or not isinstance(vmap_width, int)
+                                 or vmap_width < 1 or size % vmap_width):
+    raise ValueError(f"vmap_width must be None or a positive divisor of the grid's {size} runs, "
+                     f"got {vmap_width!r}.")
   # A grid keeps the layout it was given (d3jax.sweep.shard_grid): without this, XLA may return
   # an equivalent but differently written sharding (e.g. replicated on a one-device mesh), and the
   # next epoch would compile again for it.
