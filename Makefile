@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test env clean
+.PHONY: demo test test-slow test-all env clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,15 @@ env: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/d3jax demo --out demo_out
 
+# `make test`: everything but the tests marked slow (end-to-end training, subprocesses, notebooks);
+# `make test-slow`: only those; CI runs both; `make test-all`: both in one pytest session.
 test: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 -m "not slow"
+
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -n 2 -m slow
+
+test-all: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2
 
 clean:

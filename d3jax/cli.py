@@ -31,6 +31,7 @@ from d3jax import compile_cache, defenses, pipeline, runs
 from d3jax import table as table_runner
 from d3jax.analysis.grid import format_grid_table
 from d3jax.analysis.run import ANALYSES, analyze, defense_labels
+from d3jax.attacks.gallery import pair_row, write_rows
 from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 from d3jax.sweep import parse_grid
 from d3jax.sweep_runs import defense_key, write_sweep
@@ -75,6 +76,9 @@ class AttackCommand:
   output: Annotated[Output, Flat]
   run: Annotated[AttackRun, Flat] = AttackRun()
   session: Annotated[Session, Flat] = Session()
+  show: bool = False
+  """only write the attack's trigger gallery to --out as a PNG (test images clean | poisoned |
+  magnified residual), without training; every attack run directory also holds one (gallery.png)"""
 
   def settings(self) -> dict:
     return self.run.to_json()
@@ -318,7 +322,9 @@ def run_command(command: Any) -> None:
   tracking = runs.Tracking(eval_every=command.output.eval_every, progress=progress,
                            checkpoint_every_s=command.output.checkpoint_every) \
       if isinstance(command, (AttackCommand, DefendCommand)) else None
-  if isinstance(command, AttackCommand):
+  if isinstance(command, AttackCommand) and command.show:
+    _show_trigger(command.run, command.output.out, progress)
+  elif isinstance(command, AttackCommand):
     out = command.output
     _, row = runs.write_attack(command.run, out.out, overwrite=out.overwrite, resume=out.resume,
                                tracking=tracking)
@@ -375,6 +381,21 @@ def run_command(command: Any) -> None:
   else:
     from d3jax.demo import run_demo  # pylint: disable=import-outside-toplevel
     run_demo(command.out, progress=progress)
+
+
+def _show_trigger(run: AttackRun, out: str, progress: bool) -> None:
+  """``d3jax attack --show``: the trigger gallery of ``run`` (crafted if it needs crafting)."""
+  if not out.endswith(".png"):
+    raise ValueError(f"with --show, --out names the gallery PNG to write (e.g. {run.attack}.png), "
+                     f"got {out!r}.")
+  dataset, model, _, backdoor_test = pipeline.prepare(run, progress=progress)
+  if backdoor_test is None:
+    raise ValueError(f"--show: the {run.attack} trigger trains with the model, so there is none "
+                     "before training; its run directory's gallery.png shows the trained one.")
+  shell = pipeline.Backdoored(run, dataset, model, None, backdoor_test)
+  Path(out).parent.mkdir(parents=True, exist_ok=True)
+  write_rows([pair_row(run.attack, *shell.gallery_pairs(runs.GALLERY_IMAGES))], out)
+  print(f"wrote {out}")
 
 
 def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool) -> Any:

@@ -201,6 +201,15 @@ class Backdoored:
     return evaluate(self.model, variables, self.dataset.x_test, self.dataset.y_test,
                     self.backdoor_test, self.normalization, untargeted=self.run.mode == "untargeted")
 
+  def gallery_pairs(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``count`` images of the backdoor test set and the clean test images they were made
+    from (every test image whose label is not the target; every one for all2all and untargeted),
+    for a gallery of the trigger the model was trained against (a trained one too)."""
+    y_test = self.dataset.y_test
+    keep = (np.ones(len(y_test), bool) if self.run.mode in ("all2all", "untargeted")
+            else y_test != self.run.target)
+    return self.dataset.x_test[keep][:count], np.asarray(self.backdoor_test.x[:count])
+
   def like(self) -> Any:
     """Shapes and dtypes of the model's variables (for restoring a checkpoint)."""
     return jax.eval_shape(lambda: init_variables(self.model, self.dataset.image_shape,

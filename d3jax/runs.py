@@ -2,7 +2,8 @@
 
 A run directory holds ``config.json`` (the full attack config, the model spec and the dataset
 spec, and for a defense its config and reserved-set draw), ``metrics.json`` (the table row and
-any warnings), ``metrics.csv`` and ``curves.png`` (per epoch), ``log.txt``, the orbax checkpoint
+any warnings), ``metrics.csv`` and ``curves.png`` (per epoch), for an attack ``gallery.png`` (test
+images clean | poisoned | magnified residual, with the trigger the model was trained against), ``log.txt``, the orbax checkpoint
 ``variables/``, the backdoor test set ``backdoor_test.npz`` (uint8 images, labels, true labels;
 loading a run reads it instead of building the trigger again), for an attack whose trigger trains
 with the model (input-aware) the trigger's variables ``trigger/``, and ``manifest.json``. A
@@ -23,6 +24,7 @@ import optax
 
 from d3jax import checkpoint, curves
 from d3jax.attacks import PoisonedSet
+from d3jax.attacks.gallery import pair_row, write_rows
 from d3jax.metrics import BackdoorMetrics
 from d3jax import pipeline
 from d3jax.pipeline import (AttackRun, Backdoored, ReservedSplit, accuracy_on, dataset_spec,
@@ -32,6 +34,7 @@ from d3jax.train import TrainState, predict_logits
 LOG = logging.getLogger("d3jax")
 KINDS = ("attack", "defense")
 BACKDOOR_TEST = "backdoor_test.npz"  # the backdoor test set, stored since issue 8
+GALLERY_IMAGES = 6  # test images in an attack run's gallery.png
 TRIGGER = "trigger"  # checkpoint of a trained trigger's variables (input-aware's generators)
 
 
@@ -188,12 +191,15 @@ class RunWriter:
              backdoored: Backdoored | None = None) -> Path:
     """Saves the run and renames it into place; with ``backdoored``, also its backdoor test set
     (and a trained trigger's variables), so loading the run does not build the trigger again."""
-    checkpoint.save_run(self.stage, variables, config=checkpoint.load_json(self.stage, "config.json"),
-                        metrics=metrics)
+    config = checkpoint.load_json(self.stage, "config.json")
+    checkpoint.save_run(self.stage, variables, config=config, metrics=metrics)
     if backdoored is not None:
       save_backdoor_test(self.stage, backdoored.backdoor_test)
       if backdoored.trigger_variables is not None:
         checkpoint.save_variables(self.stage, backdoored.trigger_variables, TRIGGER)
+      if config["kind"] == "attack":
+        write_rows([pair_row(backdoored.run.attack, *backdoored.gallery_pairs(GALLERY_IMAGES))],
+                   str(self.stage / "gallery.png"))
     curves.plot(self.stage / "metrics.csv", self.stage / "curves.png", title)
     LOG.removeHandler(self._handler)
     self._handler.close()

@@ -12,6 +12,10 @@ best are listed as failures.
 Run (hours on a 2-core CPU; minutes on a GPU):
   .venv/bin/python experiments/auto_choice.py --out experiments/results/auto_choice.md
 Smoke test:  ... --datasets digits --attacks badnets --seeds 1 --epochs 1 --attack-epochs 1 --grid lmd=1,10 eps=0,0.5
+
+--attack-runs DIR takes the backdoored models from a `d3jax table` output (DIR/attacks/<attack>-s<seed>,
+e.g. the Table 1 runs) instead of training them with the demo's recipe; --extend keeps the cases
+already in the JSON beside --out and runs only the missing ones (an interrupted run continues).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from d3jax import demo, pipeline
+from d3jax import demo, pipeline, runs
 from d3jax.defenses import D3Config
 from d3jax.defenses.auto import choose
 from d3jax.sweep import parse_grid, sweep
@@ -39,15 +43,27 @@ PAPER_DEFAULT = {"lmd": 10.0, "eps": 0.1}
 ATTACKS = {"badnets": {}, "blended": {}, "sig": {"ratio": 0.05}}
 
 
-def one_case(dataset: str, attack: str, seed: int, args: argparse.Namespace) -> dict:
-  """Every configuration of the grid on one backdoored model: per-config measurements."""
+def backdoored_model(dataset: str, attack: str, seed: int, args: argparse.Namespace
+                     ) -> pipeline.Backdoored:
+  """The backdoored model of a case: read from --attack-runs, else trained with the demo's recipe."""
+  if args.attack_runs:
+    loaded = runs.load(Path(args.attack_runs) / "attacks" / f"{attack}-s{seed}")
+    if loaded.backdoored.run.dataset != dataset:
+      raise SystemExit(f"--attack-runs holds {loaded.backdoored.run.dataset} runs, not {dataset}")
+    return loaded.backdoored
   # On 16×16 digits a 4-pixel crop often cuts the BadNets patch away; pad by 1 there.
   padding = 1 if dataset == "digits" else demo.DEMO_RUN.train.crop_padding
   train = dataclasses.replace(demo.DEMO_RUN.train, epochs=args.attack_epochs,
                               cosine_t_max=args.attack_epochs, crop_padding=padding)
   run = dataclasses.replace(demo.DEMO_RUN, dataset=dataset, attack=attack, seed=seed, train=train,
                             **ATTACKS.get(attack, {}))
-  backdoored = pipeline.attack(run, progress=False)
+  return pipeline.attack(run, progress=False)
+
+
+def one_case(dataset: str, attack: str, seed: int, args: argparse.Namespace) -> dict:
+  """Every configuration of the grid on one backdoored model: per-config measurements."""
+  padding = 1 if dataset == "digits" else demo.DEMO_RUN.train.crop_padding
+  backdoored = backdoored_model(dataset, attack, seed, args)
   split = pipeline.ReservedSplit(ratio=args.reserved, holdout=args.holdout, seed=seed)
   (images, labels), heldout = split.draw(backdoored.dataset)
   config = D3Config(epochs=args.epochs, batch_size=32, crop_padding=padding)
@@ -79,8 +95,8 @@ def _cell(values: list[float]) -> str:
 
 
 def report(cases: list[dict], budgets: list[float]) -> str:
-  lines = ["| dataset | attack | budget | chosen ACC | chosen ASR | chosen DER | best ACC | best ASR "
-           "| best DER | λ=10,ε=0.1 ACC | ASR | DER |", "|" + "---|" * 12]
+  lines = ["| dataset | attack | seeds | budget | chosen ACC | chosen ASR | chosen DER | best ACC "
+           "| best ASR | best DER | λ=10,ε=0.1 ACC | ASR | DER |", "|" + "---|" * 13]
   failures = []
   for budget in budgets:
     groups: dict[tuple, list[dict]] = {}
@@ -98,7 +114,8 @@ def report(cases: list[dict], budgets: list[float]) -> str:
                for k in ("acc", "asr", "der")]
       defaults = [s["default"] for s in summaries if s["default"] is not None]
       cells += [_cell([d[k] for d in defaults]) if defaults else "—" for k in ("acc", "asr", "der")]
-      lines.append(f"| {dataset} | {attack} | {budget:g} | " + " | ".join(cells) + " |")
+      lines.append(f"| {dataset} | {attack} | {len(summaries)} | {budget:g} | " + " | ".join(cells)
+                   + " |")
   lines += ["", f"Failures (chosen ASR > 20% or DER more than 5 points below the best): "
             f"{len(failures)}", *failures]
   return "\n".join(lines)
@@ -116,16 +133,21 @@ def main() -> None:
   parser.add_argument("--attack-epochs", type=int, default=demo.DEMO_RUN.train.epochs)
   parser.add_argument("--reserved", type=float, default=0.05)
   parser.add_argument("--holdout", type=float, default=0.2)
+  parser.add_argument("--attack-runs", help="a `d3jax table` output to take the attack models from")
+  parser.add_argument("--extend", action="store_true", help="keep the cases of the JSON beside --out")
   parser.add_argument("--quiet", action="store_true")
   args = parser.parse_args()
   args.grid = parse_grid(args.grid)
-  cases = []
-  start = time.perf_counter()
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
+  cases = json.loads(out.with_suffix(".json").read_text()) if args.extend else []
+  done = {(case["dataset"], case["attack"], case["seed"]) for case in cases}
+  start = time.perf_counter()
   for dataset in args.datasets:
     for attack in args.attacks:
       for seed in range(args.seeds):
+        if (dataset, attack, seed) in done:
+          continue
         cases.append(one_case(dataset, attack, seed, args))
         print(f"[{time.perf_counter() - start:6.0f}s] {dataset} {attack} seed {seed}", flush=True)
         write(out, cases, args, time.perf_counter() - start)  # an interrupted run keeps its cases
@@ -136,8 +158,8 @@ def write(out: Path, cases: list[dict], args: argparse.Namespace, wall_s: float)
   out.with_suffix(".json").write_text(json.dumps(cases, indent=1) + "\n")
   out.write_text(f"# Test-free choice of λ and ε vs the grid's best in hindsight\n\n`{' '.join(sys.argv)}`"
                  f"\n\nGrid {args.grid}; D3 {args.epochs} epochs; reserved {args.reserved:g} with "
-                 f"{args.holdout:g} held out; {args.seeds} seeds; {len(cases)} cases; wall time "
-                 f"{wall_s:.0f} s.\n\n" + report(cases, args.budgets) + "\n")
+                 f"{args.holdout:g} held out; {len(cases)} cases; wall time of this invocation "
+                 f"{wall_s:.0f} s (each case's grid time is `sweep_s` in the JSON).\n\n" + report(cases, args.budgets) + "\n")
 
 
 if __name__ == "__main__":

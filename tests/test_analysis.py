@@ -46,6 +46,7 @@ def _metrics(model, variables, images, labels):
   return ce, accuracy(logits, labels)
 
 
+@pytest.mark.slow
 def test_path_curve_starts_at_the_initial_model_and_passes_the_defended_one(
     model, variables, defended, pairs):
   """t = 0 gives the backdoored model's losses, ACC and ASR; t = 1 the defended model's."""
@@ -86,6 +87,7 @@ def test_probes_read_the_head_input_and_the_last_convolution(model, variables, p
   assert analysis.last_conv(model, variables, (8, 8, 1)) == "conv4"
 
 
+@pytest.mark.slow
 def test_gradcam_maps_are_image_sized_and_in_unit_range(model, variables, pairs):
   cam, predicted = analysis.gradcam(model, variables, pairs.clean[:5], NORM, "conv4")
   assert cam.shape == (5, 8, 8) and predicted.shape == (5,)

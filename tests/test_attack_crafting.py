@@ -50,6 +50,7 @@ def test_targeted_deepfool_reaches_the_target(clean):
     assert not bool(stuck)
 
 
+@pytest.mark.slow
 def test_lf_pattern_is_low_frequency_bounded_and_deterministic(clean, rbg_key):
   config = get("lf", num_images=8, eval_per_class=2, max_passes=2, max_iter=20, filter_taps=9,
                filter_sigma=2.0)
@@ -103,6 +104,7 @@ def test_trojannn_trigger_drives_neurons_inside_the_mask(clean):
   np.testing.assert_array_equal(built.pattern, trigger.astype(np.float32))
 
 
+@pytest.mark.slow
 def test_ssba_encoder_hides_bits_in_sample_specific_residuals(rbg_key):
   images = np.random.default_rng(1).integers(0, 256, (64, 8, 8, 1), dtype=np.uint8)
   config = get("ssba", bits=8, width=8, steps=200, batch_size=16, l2_weight=0.1)

@@ -15,6 +15,7 @@ from d3jax.models import get_model
 NORM = train.Normalization((0.5,), (0.5,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shape", [(16, 16, 3), (14, 10, 1)])
 def test_generator_shapes_and_range(shape, rbg_key):
   """Both generators keep the image size (also sides not divisible by 2^depth); outputs lie in
@@ -86,6 +87,7 @@ def _tiny_run(tiny_set, key, **kwargs):
   return program, state, history
 
 
+@pytest.mark.slow
 def test_training_is_deterministic_under_a_key(tiny_set, rbg_key):
   """Same key → identical classifier, generators and trigger; another key → different ones; mask
   pre-training (stage 1) changed the mask generator and stage 2 the pattern generator."""
@@ -109,6 +111,7 @@ def test_training_is_deterministic_under_a_key(tiny_set, rbg_key):
   np.testing.assert_array_equal(triggered, apply_trigger(program.trigger(again, (8, 8, 1)), images))
 
 
+@pytest.mark.slow
 def test_resume_matches_and_does_not_pretrain_masks_again(tiny_set, rbg_key, tmp_path):
   """Interrupted after epoch 1, checkpointed (orbax) and resumed: the generators, masks and
   classifier equal an uninterrupted run's (mask pre-training is not run again on resume)."""

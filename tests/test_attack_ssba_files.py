@@ -22,6 +22,7 @@ def _files(digits, tmp_path):
   return str(train_path), str(test_path)
 
 
+@pytest.mark.slow
 def test_pregenerated_images_replace_samples_by_index(digits, tmp_path, rbg_key):
   """The drawn training samples take their row of the train file (no encoder is trained), the
   rest stay clean; the backdoor test set is the test file's non-target rows; a run stores it."""

@@ -282,3 +282,26 @@ def test_poison_dataset():
                                   label_mode="all2one", key=jax.random.key(0))
   assert train.is_poison.sum() == 5 and np.all(train.y[train.is_poison] == 0)
   assert len(bd_test.x) == np.sum(data.y_test != 0)
+
+
+def test_gallery_row_panels_and_magnified_residual():
+  from d3jax.attacks.gallery import gallery_rows, pair_row
+  clean = np.full((2, 4, 5, 1), 100, np.uint8)
+  poisoned = clean.copy()
+  poisoned[:, 1, 2, 0] = 110  # residual 10 → magnified ×25.5 to 255
+  label, strip = pair_row("toy", clean, poisoned)
+  assert label == "toy (residual x25.5)"
+  # Per image: clean | poisoned | residual side by side (5 pixels each), a 4-pixel gap between images.
+  panels = [strip[:, start:start + 5, 0] for start in (0, 5, 10, 19, 24, 29)]
+  np.testing.assert_array_equal(panels[0], clean[0, ..., 0])
+  np.testing.assert_array_equal(panels[1], poisoned[0, ..., 0])
+  assert panels[2][1, 2] == 255 and panels[2].sum() == 255
+  np.testing.assert_array_equal(panels[4], poisoned[1, ..., 0])
+  assert np.all(strip[:, 15:19] == 255)
+  assert strip.shape == (4, 2 * 15 + 4, 3)  # grey becomes RGB
+  same_label, _ = pair_row("none", clean, clean)
+  assert same_label == "none (residual x1.0)"
+  with pytest.raises(ValueError, match="same shape"):
+    pair_row("toy", clean, poisoned[:1])
+  rows = gallery_rows({"badnets": BadNets((16, 16, 1))}, np.zeros((3, 16, 16, 1), np.uint8))
+  assert [name for name, _ in rows] == ["badnets (residual x1.0)"]

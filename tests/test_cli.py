@@ -136,6 +136,7 @@ def test_help_shows_every_config_field_with_its_default(capsys):
     assert "(default: " in text
 
 
+@pytest.mark.slow
 def test_a_new_registry_entry_becomes_a_subcommand():
   """A defense registered before the CLI is built gets its subcommand and flags, with no CLI code."""
   script = """if True:
@@ -212,6 +213,7 @@ def test_bad_defend_config_files(text, message, tmp_path, capsys):
   assert got.startswith(message), got
 
 
+@pytest.mark.slow
 def test_bad_datasets_are_refused_before_training(tmp_path, capsys):
   truncated = write_npz(tmp_path / "t.npz")
   truncated.write_bytes(truncated.read_bytes()[:200])
@@ -236,6 +238,7 @@ def test_bad_datasets_are_refused_before_training(tmp_path, capsys):
     assert not out.exists() and not checkpoint.staging_dir(out).exists()
 
 
+@pytest.mark.slow
 def test_out_problems_are_refused_before_any_work(attack_run, tmp_path, capsys):
   before = checkpoint.verify_run(attack_run)
   a_file = tmp_path / "file"
@@ -261,6 +264,7 @@ def test_out_problems_are_refused_before_any_work(attack_run, tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
+@pytest.mark.slow
 def test_damaged_or_edited_runs_are_refused(attack_run, defense_run, tmp_path, capsys):
   edited = copy_run(attack_run, tmp_path, "edited")
   config = json.loads((edited / "config.json").read_text())
@@ -286,6 +290,7 @@ def test_damaged_or_edited_runs_are_refused(attack_run, defense_run, tmp_path, c
       ["defend", "--attack-run", str(defense_run), "--out", str(tmp_path / "x")], capsys)
 
 
+@pytest.mark.slow
 def test_changed_npz_dataset_is_refused(tmp_path, capsys):
   data = write_npz(tmp_path / "data.npz")
   out = tmp_path / "run"
@@ -299,6 +304,19 @@ def test_changed_npz_dataset_is_refused(tmp_path, capsys):
 # -- Run directories that work. --
 
 
+def test_show_writes_the_trigger_gallery_without_training(tmp_path, capsys):
+  from PIL import Image
+  out = tmp_path / "gallery" / "badnets.png"
+  assert cli.main(["attack", "--show", "--out", str(out), *TINY]) == 0
+  with Image.open(out) as image:  # one row: label, then 6 × (clean | poisoned | residual) panels
+    assert image.size[1] == 96 + 4 and image.size[0] > 6 * 3 * 96
+  assert not (tmp_path / "gallery" / "variables").exists()
+  assert "--out names the gallery PNG" in fail(["attack", "--show", "--out", str(tmp_path / "g"),
+                                                *TINY], capsys)
+  assert "trains with the model" in fail(["attack", "--show", "--out", str(tmp_path / "i.png"),
+                                          "--attack", "input_aware", *TINY], capsys)
+
+
 def test_attack_and_defense_runs(attack_run, defense_run, tmp_path, capsys):
   for run, kind in ((attack_run, "attack"), (defense_run, "defense")):
     files = {p.name for p in run.iterdir()}
@@ -307,6 +325,7 @@ def test_attack_and_defense_runs(attack_run, defense_run, tmp_path, capsys):
     assert "checkpoints" not in files
     assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / "curves.png").stat().st_size > 5000
+    assert ((run / "gallery.png").is_file()) == (kind == "attack")
     header = (run / "metrics.csv").read_text().splitlines()[0]
     assert header == "epoch,train_loss,heldout_loss,heldout_acc,acc,asr,ra,wall_s"
     config = json.loads((run / "config.json").read_text())
@@ -351,6 +370,7 @@ def test_overwrite_replaces_a_run_atomically(attack_run, tmp_path, capsys):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no staging or old copy left
 
 
+@pytest.mark.slow
 def test_a_killed_run_leaves_nothing_that_loads(tmp_path):
   """Kill -9 during training: --out does not exist, only the hidden staging directory does."""
   out = tmp_path / "killed"

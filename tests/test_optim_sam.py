@@ -45,6 +45,7 @@ def test_asam_weight_decay_sees_the_restored_params():
   np.testing.assert_allclose(final["w"], [2.0 - 0.5 * 2.0], rtol=1e-6)  # decay of w = 2, not w + e
 
 
+@pytest.mark.slow
 def test_adaptive_attack_config_and_program(rbg_key):
   config = attacks.get("adaptive", base="blended", rho=3.0)
   assert config.kind == "training" and config.rho == 3.0

@@ -30,6 +30,7 @@ def _attack(out, name):
   return cli.main(["attack", "--out", str(out), "--attack", name, *TINY, *EXTRA.get(name, [])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", attacks.names())
 def test_every_registered_attack_writes_a_run_that_loads(name, tmp_path, capsys):
   """``d3jax attack --attack NAME`` trains with the attack's own trigger and program, writes a run,
@@ -89,6 +90,7 @@ def _same_sets(a, b):
     np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
 
 
+@pytest.mark.slow
 def test_a_loaded_run_uses_its_stored_backdoor_test_set(tmp_path, monkeypatch):
   """An attack run stores its backdoor test set (uint8, in the manifest); loading it equals the
   freshly built set without building the trigger again, and a run written before the set was
@@ -114,6 +116,7 @@ def test_a_loaded_run_uses_its_stored_backdoor_test_set(tmp_path, monkeypatch):
   _same_sets(runs.load(out).backdoored.backdoor_test, fresh)
 
 
+@pytest.mark.slow
 def test_input_aware_run_stores_its_generators(tmp_path, monkeypatch):
   """An input-aware run's backdoor test set comes from its trained generators, which the run
   saves: the reloaded trigger rebuilds exactly the stored set; a defense run stores the set too."""

@@ -33,6 +33,7 @@ def test_grid_points_rejects_unknown_names_and_empty_grids():
     ("d3", D3Config(epochs=2, batch_size=16, crop_padding=1), {"lmd": [0.5, 10.0]}, 2),
     ("ft", FTConfig(epochs=2, batch_size=16, crop_padding=1), {"learning_rate": [0.01, 0.1]}, 1),
 ])
+@pytest.mark.slow
 def test_sweep_matches_each_run_alone(model, variables, tiny_set, rbg_key, name, config, grid, seeds):
   """Every run of a grid (one vmapped program; seeds repeat each point with keys fold_in(key, s))
   equals `defend` at that point with that key. Batched keys need a PRNG whose draws do not
@@ -56,6 +57,7 @@ def test_sweep_matches_each_run_alone(model, variables, tiny_set, rbg_key, name,
   assert not np.allclose(first, last)
 
 
+@pytest.mark.slow
 def test_sweep_in_chunks_equals_one_chunk(model, variables, tiny_set, rbg_key):
   """A grid of 3 run in chunks of 2 (the last one padded) gives the same runs as one chunk."""
   x, y = tiny_set
@@ -71,6 +73,7 @@ def test_sweep_in_chunks_equals_one_chunk(model, variables, tiny_set, rbg_key):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sweep_vmap_width_does_not_change_the_runs(model, variables, tiny_set, rbg_key):
   """The grid's runs are the same whether one vmap holds all 4, 2 at a time or 1 at a time
   (scanned in the same program); a width that does not divide the chunk is one clear error."""

@@ -36,6 +36,7 @@ def test_auto_takes_no_test_data_trigger_or_target():
     assert not any(word in parameter.lower() for word in FORBIDDEN), parameter
 
 
+@pytest.mark.slow
 def test_auto_never_calls_evaluation_and_returns_the_chosen_run(model, variables, tiny_set, rbg_key,
                                                                  monkeypatch):
   """Evaluation, triggers and poisoning raise if called; auto still chooses, and its variables

@@ -32,6 +32,7 @@ def fail(argv, capsys):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_sweep_rows_follow_the_grid_and_equal_the_runs_done_alone(runs, capsys):
   out = runs / "grid"
   assert cli.main(["sweep", "--attack-run", str(runs / "badnets"), "--out", str(out),
@@ -52,6 +53,7 @@ def test_sweep_rows_follow_the_grid_and_equal_the_runs_done_alone(runs, capsys):
     assert float(rows[1][column]) == pytest.approx(alone[column], abs=1.5 / n_test)
 
 
+@pytest.mark.slow
 def test_sweep_with_seeds_reports_std_and_can_keep_the_variables(runs, capsys):
   out = runs / "seeded"
   assert cli.main(["sweep", "--attack-run", str(runs / "badnets"), "--out", str(out),
@@ -75,6 +77,7 @@ def test_defend_auto_writes_the_chosen_config(runs, capsys):
   assert config["defense"]["config"]["lmd"] == chosen
 
 
+@pytest.mark.slow
 def test_analyze_writes_every_png(runs, capsys):
   out = runs / "analysis"
   assert cli.main(["analyze", str(runs / "badnets"), "--defended", str(runs / "ft"),

@@ -190,6 +190,7 @@ def test_runs_are_deterministic_per_key(model, variables, tiny_set, rbg_key):
   assert not np.allclose(a["params"]["linear"]["kernel"], c["params"]["linear"]["kernel"])
 
 
+@pytest.mark.slow
 def test_vmapped_grid_matches_runs_alone(model, variables, tiny_set, rbg_key):
   """A grid of states (shared key, stacked hyperparameters) trained by one vmapped epoch equals
   each run trained alone."""

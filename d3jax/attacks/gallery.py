@@ -2,7 +2,7 @@
 absolute residual |poisoned − clean|, written as a PNG."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -25,20 +25,29 @@ def gallery_rows(triggers: Mapping[str, Trigger], images: np.ndarray,
                  key: jax.Array | None = None) -> list[tuple[str, np.ndarray]]:
   """For each attack, its label and an RGB uint8 strip: clean | poisoned | residual per image."""
   validate_images(images, "gallery images")
-  rows = []
-  for index, (name, trigger) in enumerate(triggers.items()):
-    row_key = None if key is None else jax.random.fold_in(key, index)
-    poisoned = apply_trigger(trigger, images, row_key)
-    gain = residual_gain(images, poisoned)
-    residual = np.abs(poisoned.astype(np.float32) - images.astype(np.float32)) * gain
-    panels = []
-    for clean_image, poisoned_image, residual_image in zip(images, poisoned, residual.astype(np.uint8)):
-      panels += [clean_image, poisoned_image, residual_image, None]
-    height, width, channels = images.shape[1:]
-    gap = np.full((height, _GAP, channels), 255, np.uint8)
-    strip = np.concatenate([gap if panel is None else panel for panel in panels[:-1]], axis=1)
-    rows.append((f"{name} (residual x{gain:.1f})", np.repeat(strip, 3 // channels, axis=-1)))
-  return rows
+  return [pair_row(name, images, apply_trigger(trigger, images,
+                                               None if key is None else jax.random.fold_in(key, index)))
+          for index, (name, trigger) in enumerate(triggers.items())]
+
+
+def pair_row(name: str, clean: np.ndarray, poisoned: np.ndarray) -> tuple[str, np.ndarray]:
+  """The label and RGB uint8 strip (clean | poisoned | magnified residual per image) of one attack,
+  from uint8 images and their poisoned versions of the same shape (e.g. a trained trigger's, read
+  from a run's stored backdoor test set)."""
+  validate_images(clean, f"{name} clean images")
+  validate_images(poisoned, f"{name} poisoned images")
+  if clean.shape != poisoned.shape:
+    raise ValueError(f"{name}: clean images {clean.shape} and poisoned images {poisoned.shape} "
+                     "must have the same shape.")
+  gain = residual_gain(clean, poisoned)
+  residual = np.abs(poisoned.astype(np.float32) - clean.astype(np.float32)) * gain
+  panels = []
+  for clean_image, poisoned_image, residual_image in zip(clean, poisoned, residual.astype(np.uint8)):
+    panels += [clean_image, poisoned_image, residual_image, None]
+  height, width, channels = clean.shape[1:]
+  gap = np.full((height, _GAP, channels), 255, np.uint8)
+  strip = np.concatenate([gap if panel is None else panel for panel in panels[:-1]], axis=1)
+  return f"{name} (residual x{gain:.1f})", np.repeat(strip, 3 // channels, axis=-1)
 
 
 def write_gallery(triggers: Mapping[str, Trigger], images: np.ndarray, path: str, *,
@@ -52,13 +61,19 @@ def write_gallery(triggers: Mapping[str, Trigger], images: np.ndarray, path: str
     key: passed (folded per row) to keyed triggers.
     scale: integer nearest-neighbour upscaling; 0 picks max(1, 96 // H).
   """
+  write_rows(gallery_rows(triggers, images, key), path, scale=scale)
+
+
+def write_rows(rows: Sequence[tuple[str, np.ndarray]], path: str, *, scale: int = 0) -> None:
+  """Writes labelled strips (:func:`pair_row`) one under another as a PNG at ``path``; ``scale`` is
+  the integer nearest-neighbour upscaling (0 picks max(1, 96 // image height))."""
   try:
     from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ImportError("write_gallery needs Pillow to draw labels and write PNGs: pip install pillow.") from e
-  scale = scale or max(1, 96 // images.shape[1])
-  rows = gallery_rows(triggers, images, key)
-  height = images.shape[1] * scale
+    raise ImportError("the gallery needs Pillow to draw labels and write PNGs: pip install pillow.") from e
+  image_height = rows[0][1].shape[0]
+  scale = scale or max(1, 96 // image_height)
+  height = image_height * scale
   width = max(strip.shape[1] for _, strip in rows) * scale
   canvas = Image.new("RGB", (_LABEL_WIDTH + width, len(rows) * (height + _GAP)), "white")
   draw = ImageDraw.Draw(canvas)
