@@ -31,7 +31,6 @@ from d3jax import compile_cache, defenses, pipeline, runs
 from d3jax import table as table_runner
 from d3jax.analysis.grid import format_grid_table
 from d3jax.analysis.run import ANALYSES, analyze, defense_labels
-from d3jax.attacks.gallery import pair_row, write_rows
 from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 from d3jax.sweep import parse_grid
 from d3jax.sweep_runs import defense_key, write_sweep
@@ -392,9 +391,8 @@ def _show_trigger(run: AttackRun, out: str, progress: bool) -> None:
   if backdoor_test is None:
     raise ValueError(f"--show: the {run.attack} trigger trains with the model, so there is none "
                      "before training; its run directory's gallery.png shows the trained one.")
-  shell = pipeline.Backdoored(run, dataset, model, None, backdoor_test)
   Path(out).parent.mkdir(parents=True, exist_ok=True)
-  write_rows([pair_row(run.attack, *shell.gallery_pairs(runs.GALLERY_IMAGES))], out)
+  runs.write_trigger_gallery(pipeline.Backdoored(run, dataset, model, None, backdoor_test), out)
   print(f"wrote {out}")
 
 

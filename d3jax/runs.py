@@ -198,12 +198,17 @@ class RunWriter:
       if backdoored.trigger_variables is not None:
         checkpoint.save_variables(self.stage, backdoored.trigger_variables, TRIGGER)
       if config["kind"] == "attack":
-        write_rows([pair_row(backdoored.run.attack, *backdoored.gallery_pairs(GALLERY_IMAGES))],
-                   str(self.stage / "gallery.png"))
+        write_trigger_gallery(backdoored, self.stage / "gallery.png")
     curves.plot(self.stage / "metrics.csv", self.stage / "curves.png", title)
     LOG.removeHandler(self._handler)
     self._handler.close()
     return checkpoint.finish_run(self.stage, self.out)
+
+
+def write_trigger_gallery(backdoored: Backdoored, path: str | Path) -> None:
+  """A PNG of the first test images clean | poisoned | magnified residual, with the trigger of
+  ``backdoored`` (a trained trigger too; the model's variables are not needed)."""
+  write_rows([pair_row(backdoored.run.attack, *backdoored.gallery_pairs(GALLERY_IMAGES))], str(path))
 
 
 def attack_config(run: AttackRun, backdoored: Backdoored) -> dict:
