@@ -122,6 +122,8 @@ def test_input_aware_run_stores_its_generators(tmp_path, monkeypatch):
   saves: the reloaded trigger rebuilds exactly the stored set; a defense run stores the set too."""
   out = tmp_path / "input_aware"
   assert _attack(out, "input_aware") == 0
+  assert "input_aware mask pre-training epoch 1/" in (out / "log.txt").read_text()
+  assert (out / "gallery.png").is_file()  # the trained trigger's gallery
   monkeypatch.setattr(pipeline, "build_trigger", lambda *a, **k: 1 / 0)
   loaded = runs.load(out)
   bd = loaded.backdoored.backdoor_test

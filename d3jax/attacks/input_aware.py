@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -37,6 +38,7 @@ from d3jax.optim.d3 import masked_mean
 from d3jax.train import (Batch, Hyperparams, Normalization, Program, PyTree, TrainState,
                          batch_plan, cross_entropy, join_variables, split_variables)
 
+LOG = logging.getLogger("d3jax")  # a run directory's log.txt records stage 1 too
 _EPSILON = 1e-7
 _MASK_STREAM, _GENERATOR_STREAM, _INIT_STREAM, _MASK_PLAN_STREAM = 5, 6, 7, 8
 
@@ -348,6 +350,7 @@ class InputAwareProgram(Program):
       if not np.isfinite(float(loss)):
         raise FloatingPointError(f"input_aware mask pre-training loss became {float(loss)} in "
                                  f"epoch {epoch + 1}; lower mask_lr.")
+      LOG.info("input_aware mask pre-training epoch %d/%d  loss %.4f", epoch + 1, epochs, float(loss))
     return state
 
   def step(self, state: InputAwareState, batch: Batch) -> tuple[InputAwareState, dict[str, jax.Array]]:
