@@ -71,12 +71,8 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
     stage = writer.stage
     write_csv(rows, stage / "results.csv")
     (stage / "table.txt").write_text(table + "\n")
-    if len(swept) <= 2:
-      heatmap(rows, tuple(swept), stage / "heatmap.png",
-              f"{backdoored.run.attack} → {name}: {len(rows)} configurations × {seeds} seed(s)")
-    else:
-      LOG.warning("no heatmap.png: %d hyperparameters were swept and a heat map shows two; "
-                  "results.csv and table.txt have every configuration", len(swept))
+    heatmap(rows, tuple(swept), stage / "heatmap.png",
+            f"{backdoored.run.attack} → {name}: {len(rows)} configurations × {seeds} seed(s)")
     runs = [{**{k: log["hparams"][k][i] for k in swept}, "seed": log["seeds"][i],
              **{column: values[i] for column, values in per_run.items()}}
             for i in range(len(defended))]

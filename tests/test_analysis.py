@@ -142,3 +142,17 @@ def test_heatmap_axes_and_table_rows_follow_the_grid():
   assert "±" in table[4]
   with pytest.raises(ValueError, match="two configurations in one cell"):
     heatmap_figure(rows, ("lmd",), "grid")
+
+
+def test_a_third_swept_axis_gives_one_row_of_heat_maps_per_value():
+  rows = [{"lmd": lmd, "eps": eps, "learning_rate": lr, "acc": lmd / 100 + eps, "asr": lr}
+          for lr in (0.01, 0.1) for lmd in (1, 10) for eps in (0, 0.5)]
+  fig = heatmap_figure(rows, ("lmd", "eps", "learning_rate"), "three axes")
+  images = [ax for ax in fig.axes if ax.images]
+  assert len(images) == 4  # 2 learning rates × (ACC, ASR)
+  assert [ax.get_title() for ax in images] == ["learning_rate=0.01: ACC (%)", "learning_rate=0.01: ASR (%)",
+                                               "learning_rate=0.1: ACC (%)", "learning_rate=0.1: ASR (%)"]
+  np.testing.assert_allclose(images[2].images[0].get_array()[1, 1], 100 * (0.1 + 0.5))
+  np.testing.assert_allclose(images[3].images[0].get_array(), np.full((2, 2), 10.0))
+  with pytest.raises(ValueError, match="two configurations in one cell"):
+    heatmap_figure(rows, ("lmd", "eps"), "grid")

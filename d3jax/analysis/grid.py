@@ -50,54 +50,67 @@ def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
   return path
 
 
-def heatmap(rows: Sequence[dict], axes: tuple[str, str] | tuple[str], path: str | Path,
-            title: str, columns: Sequence[str] = ("acc", "asr")) -> Path:
+def heatmap(rows: Sequence[dict], axes: Sequence[str], path: str | Path, title: str,
+            columns: Sequence[str] = ("acc", "asr")) -> Path:
   """Writes :func:`heatmap_figure` as a PNG at ``path``."""
   return save(heatmap_figure(rows, axes, title, columns), path)
 
 
-def heatmap_figure(rows: Sequence[dict], axes: tuple[str, str] | tuple[str], title: str,
+def heatmap_figure(rows: Sequence[dict], axes: Sequence[str], title: str,
                    columns: Sequence[str] = ("acc", "asr")) -> Any:
-  """One heat map per column (ACC and ASR by default) over one or two swept hyperparameters:
-  rows of the picture follow ``axes[0]``, columns ``axes[1]``; each cell is annotated with the
-  value in percent (mean±std over seeds when there are several).
+  """One heat map per column (ACC and ASR by default) over the swept hyperparameters: rows of each
+  picture follow ``axes[0]``, its columns ``axes[1]``; a third or later axis gives one row of
+  pictures per combination of its values (small multiples). Each cell is annotated with the value
+  in percent (mean±std over seeds when there are several).
 
   Raises:
-    ValueError: an axis is not a column of ``rows``, or a configuration appears twice (a third
-      swept hyperparameter would hide values behind each other).
+    ValueError: an axis is not a column of ``rows``, or a configuration appears twice (a swept
+      hyperparameter left out of ``axes`` would hide values behind each other).
   """
   for axis in axes:
     if axis not in rows[0]:
       raise ValueError(f"heat-map axis {axis!r} is not a swept hyperparameter of these rows.")
-  ys = sorted({row[axes[0]] for row in rows})
-  xs = sorted({row[axes[1]] for row in rows}) if len(axes) == 2 else [None]
-  where = {}
+  axes = tuple(axes)
+  plane, facets = axes[:2], axes[2:]
+  ys = sorted({row[plane[0]] for row in rows})
+  xs = sorted({row[plane[1]] for row in rows}) if len(plane) == 2 else [None]
+  groups: dict[tuple, dict[tuple[int, int], dict]] = {}
   for row in rows:
-    spot = (ys.index(row[axes[0]]), xs.index(row[axes[1]]) if len(axes) == 2 else 0)
+    where = groups.setdefault(tuple(row[axis] for axis in facets), {})
+    spot = (ys.index(row[plane[0]]), xs.index(row[plane[1]]) if len(plane) == 2 else 0)
     if spot in where:
       raise ValueError(f"the heat map over {list(axes)} has two configurations in one cell; draw it "
-                       "over every swept hyperparameter (at most two).")
+                       "over every swept hyperparameter.")
     where[spot] = row
   plt = pyplot()
-  fig, panels = plt.subplots(1, len(columns), figsize=(4.2 * len(columns) + 0.6 * len(xs),
-                                                       1.2 + 0.55 * len(ys)), squeeze=False)
-  for ax, column in zip(panels[0], columns):
-    values = np.full((len(ys), len(xs)), np.nan)
-    for (i, j), row in where.items():
-      values[i, j] = 100 * row[column]
-    cmap = "viridis" if column == "acc" else "magma_r"
-    image = ax.imshow(values, cmap=cmap, vmin=0, vmax=100, aspect="auto")
-    for (i, j), row in where.items():
-      colour = "white" if (values[i, j] < 50) == (column == "acc") else "black"
-      ax.text(j, i, _cell(row, column), ha="center", va="center", fontsize=7, color=colour)
-    ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
-    ax.set_ylabel(GREEK.get(axes[0], axes[0]))
-    if len(axes) == 2:
-      ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
-      ax.set_xlabel(GREEK.get(axes[1], axes[1]))
-    else:
-      ax.set_xticks([])
-    ax.set_title(f"{column.upper()} (%)")
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+  fig, panels = plt.subplots(len(groups), len(columns), squeeze=False,
+                             figsize=(4.2 * len(columns) + 0.6 * len(xs),
+                                      len(groups) * (1.2 + 0.55 * len(ys))))
+  for line, (facet, where) in zip(panels, sorted(groups.items())):
+    label = ", ".join(f"{GREEK.get(axis, axis)}={value:g}" for axis, value in zip(facets, facet))
+    for ax, column in zip(line, columns):
+      _draw_panel(fig, ax, where, column, ys, xs, plane)
+      ax.set_title(f"{label}: {column.upper()} (%)" if label else f"{column.upper()} (%)")
   fig.suptitle(title)
   return fig
+
+
+def _draw_panel(fig: Any, ax: Any, where: dict[tuple[int, int], dict], column: str,
+                ys: list[float], xs: list[float | None], plane: tuple[str, ...]) -> None:
+  """One annotated heat map of ``column`` over the cells ``where`` (NaN where no configuration)."""
+  values = np.full((len(ys), len(xs)), np.nan)
+  for (i, j), row in where.items():
+    values[i, j] = 100 * row[column]
+  cmap = "viridis" if column == "acc" else "magma_r"
+  image = ax.imshow(values, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+  for (i, j), row in where.items():
+    colour = "white" if (values[i, j] < 50) == (column == "acc") else "black"
+    ax.text(j, i, _cell(row, column), ha="center", va="center", fontsize=7, color=colour)
+  ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+  ax.set_ylabel(GREEK.get(plane[0], plane[0]))
+  if len(plane) == 2:
+    ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+    ax.set_xlabel(GREEK.get(plane[1], plane[1]))
+  else:
+    ax.set_xticks([])
+  fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
