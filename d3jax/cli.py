@@ -27,7 +27,7 @@ import yaml
 from tqdm import tqdm
 
 import d3jax
-from d3jax import compile_cache, defenses, pipeline, runs
+from d3jax import checkpoint, compile_cache, defenses, pipeline, runs
 from d3jax import table as table_runner
 from d3jax.analysis.grid import format_grid_table
 from d3jax.analysis.run import ANALYSES, analyze, defense_labels
@@ -181,7 +181,7 @@ class EvalCommand:
 
 @dataclasses.dataclass(frozen=True)
 class ShowCommand:
-  """Print a run's config and its recorded table."""
+  """Print a run's config and its recorded table (a sweep run's: one row per configuration)."""
   run: tyro.conf.Positional[str]
   session: Annotated[Session, Flat] = Session()
 
@@ -371,6 +371,10 @@ def run_command(command: Any) -> None:
     result = table_runner.run_table(command.spec, command.out, progress=progress)
     print(table_runner.format_table(result["cells"], command.spec.attacks, command.spec.defenses,
                              command.spec.seeds))
+  elif isinstance(command, ShowCommand) and runs.is_sweep(command.run):
+    path = checkpoint.verify_run(command.run)
+    print(yaml.safe_dump(checkpoint.load_json(path, "config.json"), sort_keys=False), end="")
+    print((path / "table.txt").read_text(), end="")
   elif isinstance(command, ShowCommand):
     loaded = runs.load(command.run)
     print(yaml.safe_dump(loaded.config, sort_keys=False), end="")

@@ -239,6 +239,12 @@ class LoadedRun:
     return table_row(run.attack, self.config["defense"]["name"], measured, before)
 
 
+def is_sweep(run_dir: str | Path) -> bool:
+  """Whether ``run_dir`` holds a finished `d3jax sweep` run (read without checking it)."""
+  config = Path(run_dir) / "config.json"
+  return config.is_file() and json.loads(config.read_text()).get("kind") == "sweep"
+
+
 def load(run_dir: str | Path) -> LoadedRun:
   """Reads a finished run after checking its manifest and that its dataset is unchanged.
 
@@ -249,6 +255,9 @@ def load(run_dir: str | Path) -> LoadedRun:
   """
   path = checkpoint.verify_run(run_dir)
   config = checkpoint.load_json(path, "config.json")
+  if isinstance(config, dict) and config.get("kind") == "sweep":
+    raise ValueError(f"{path} is a sweep run, with one table row per configuration and no single "
+                     "model: `d3jax show` prints it; pass an attack or defense run here.")
   if not isinstance(config, dict) or config.get("kind") not in KINDS:
     raise ValueError(f"{path / 'config.json'} has no 'kind' of {KINDS}; it was not written by "
                      "d3jax attack or defend.")

@@ -51,6 +51,10 @@ def test_sweep_rows_follow_the_grid_and_equal_the_runs_done_alone(runs, capsys):
   n_test = 364
   for column in ("acc", "asr", "ra"):
     assert float(rows[1][column]) == pytest.approx(alone[column], abs=1.5 / n_test)
+  assert cli.main(["show", str(out)]) == 0
+  shown = capsys.readouterr().out
+  assert "kind: sweep" in shown and shown.rstrip().endswith(printed[-1].rstrip())
+  assert "is a sweep run" in fail(["eval", str(out)], capsys)
 
 
 @pytest.mark.slow
