@@ -148,7 +148,7 @@ def main() -> None:
       for seed in range(args.seeds):
         if (dataset, attack, seed) in done:
           continue
-        cases.append(one_case(dataset, attack, seed, args))
+        cases.append({**one_case(dataset, attack, seed, args), "command": " ".join(sys.argv)})
         print(f"[{time.perf_counter() - start:6.0f}s] {dataset} {attack} seed {seed}", flush=True)
         write(out, cases, args, time.perf_counter() - start)  # an interrupted run keeps its cases
   print(out.read_text())
@@ -156,10 +156,13 @@ def main() -> None:
 
 def write(out: Path, cases: list[dict], args: argparse.Namespace, wall_s: float) -> None:
   out.with_suffix(".json").write_text(json.dumps(cases, indent=1) + "\n")
-  out.write_text(f"# Test-free choice of λ and ε vs the grid's best in hindsight\n\n`{' '.join(sys.argv)}`"
-                 f"\n\nGrid {args.grid}; D3 {args.epochs} epochs; reserved {args.reserved:g} with "
-                 f"{args.holdout:g} held out; {len(cases)} cases; wall time of this invocation "
-                 f"{wall_s:.0f} s (each case's grid time is `sweep_s` in the JSON).\n\n" + report(cases, args.budgets) + "\n")
+  commands = dict.fromkeys(case.get("command", " ".join(sys.argv)) for case in cases)
+  header = "\n".join(f"- `{command}`" for command in commands)
+  out.write_text(f"# Test-free choice of λ and ε vs the grid's best in hindsight\n\n{header}\n\n"
+                 f"Grid {args.grid}; D3 {args.epochs} epochs; reserved {args.reserved:g} with "
+                 f"{args.holdout:g} held out; {len(cases)} cases; wall time of the last invocation "
+                 f"{wall_s:.0f} s (each case's grid time is `sweep_s` in the JSON).\n\n"
+                 + report(cases, args.budgets) + "\n")
 
 
 if __name__ == "__main__":

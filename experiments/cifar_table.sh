@@ -8,13 +8,19 @@
 # in most poisoned images, and at this scale (10k images, 20 epochs) the narrow network did not
 # learn it (ASR 8% after 10 of 20 epochs, 10% after a 10-epoch run); without the crop it does.
 # Run from the repository root:  bash experiments/cifar_table.sh [OUT] (hours on a 2-core CPU).
+# On two cores, two `d3jax table` processes over disjoint attacks of the same OUT finish sooner
+# than one (each uses about one core); the last command reuses their cells and writes the table.
 set -euo pipefail
 data=$(realpath -m ../shared/data/cifar10_10k_jpegsrc.npz)
 [ -f "$data" ] || { echo "skip: the CIFAR-10 subset is not at $data (see ../shared/data/README.md)"; exit 0; }
 out=${1:-runs/table-cifar2}
 ATTACKS=${ATTACKS:-badnets blended sig wanet}
-.venv/bin/python experiments/table_attacks_first.py --all-attacks $ATTACKS -- --out "$out" \
-  --dataset "npz:$data" --model preact_resnet18 --model-options width 8 \
-  --attacks badnets blended sig wanet --defenses ft ft-sam nft fst d3 fp i-bau nad \
-  --epochs 20 --cosine-t-max 20 --learning-rate 0.05 --crop-padding 0 --flip --ratios sig 0.08 \
-  --quiet
+common=(--out "$out" --dataset "npz:$data" --model preact_resnet18 --model-options width 8
+        --defenses ft ft-sam nft fst d3 fp i-bau nad --epochs 20 --cosine-t-max 20
+        --learning-rate 0.05 --crop-padding 0 --flip --quiet)
+.venv/bin/python experiments/table_attacks_first.py --attacks-only --all-attacks $ATTACKS -- \
+  "${common[@]}" --attacks badnets blended sig wanet --ratios sig 0.08
+.venv/bin/d3jax table "${common[@]}" --attacks badnets blended &
+.venv/bin/d3jax table "${common[@]}" --attacks sig wanet --ratios sig 0.08 &
+wait
+.venv/bin/d3jax table "${common[@]}" --attacks badnets blended sig wanet --ratios sig 0.08

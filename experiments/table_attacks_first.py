@@ -27,7 +27,9 @@ def main() -> None:
   command = cli.parse(["table", *[a for a in rest if a != "--"]])
   out = Path(command.out)
   out.mkdir(parents=True, exist_ok=True)
-  spec = dataclasses.replace(command.spec, attacks=tuple(args.all_attacks))
+  spec = dataclasses.replace(command.spec, attacks=tuple(args.all_attacks),
+                             ratios={k: v for k, v in command.spec.ratios.items()
+                                     if k in args.all_attacks})
   tracking = runs.Tracking(eval_every=0, progress=False)
   lines = ["| attack | ACC | ASR | RA | attack epochs | wall s |", "|---|---|---|---|---|---|"]
   for attack in spec.attacks:
