@@ -31,14 +31,15 @@ def main() -> None:
                              ratios={k: v for k, v in command.spec.ratios.items()
                                      if k in args.all_attacks})
   tracking = runs.Tracking(eval_every=0, progress=False)
-  lines = ["| attack | ACC | ASR | RA | attack epochs | wall s |", "|---|---|---|---|---|---|"]
-  for attack in spec.attacks:
-    table.attack_cell(spec, out, attack, 0, tracking)
-    metrics = checkpoint.load_json(out / "attacks" / f"{attack}-s0", "metrics.json")
-    lines.append(f"| {attack} | {100 * metrics['acc']:.2f} | {100 * metrics['asr']:.2f} | "
-                 f"{100 * metrics['ra']:.2f} | {spec.train.epochs} | {metrics['wall_time_s']:.0f} |")
-    (out / f"attacks-{'-'.join(spec.attacks)}.md").write_text("\n".join(lines) + "\n")
-    print(lines[-1], flush=True)
+  lines = ["| attack | seed | ACC | ASR | RA | attack epochs | wall s |", "|---|---|---|---|---|---|---|"]
+  for seed in range(spec.seeds):  # the table's --seeds: seed s trains every attack with seed s
+    for attack in spec.attacks:
+      table.attack_cell(spec, out, attack, seed, tracking)
+      metrics = checkpoint.load_json(out / "attacks" / f"{attack}-s{seed}", "metrics.json")
+      lines.append(f"| {attack} | {seed} | {100 * metrics['acc']:.2f} | {100 * metrics['asr']:.2f} | "
+                   f"{100 * metrics['ra']:.2f} | {spec.train.epochs} | {metrics['wall_time_s']:.0f} |")
+      (out / f"attacks-{'-'.join(spec.attacks)}.md").write_text("\n".join(lines) + "\n")
+      print(lines[-1], flush=True)
   if args.attacks_only:
     return
   table.run_table(command.spec, out, progress=False)
