@@ -19,6 +19,7 @@ import numpy as np
 
 from d3jax import attacks, metrics
 from d3jax.attacks import LABEL_MODES, PoisonedSet
+from d3jax.attacks.poison import backdoor_test_rows
 from d3jax.attacks.training import (AttackTrainConfig, attack_program, attack_sets, build_trigger,
                                     train_backdoored_state)
 from d3jax.data import Dataset, draw_reserved, load_dataset, split_holdout
@@ -205,9 +206,7 @@ class Backdoored:
     """The first ``count`` images of the backdoor test set and the clean test images they were made
     from (every test image whose label is not the target; every one for all2all and untargeted),
     for a gallery of the trigger the model was trained against (a trained one too)."""
-    y_test = self.dataset.y_test
-    keep = (np.ones(len(y_test), bool) if self.run.mode in ("all2all", "untargeted")
-            else y_test != self.run.target)
+    keep = backdoor_test_rows(self.dataset.y_test, self.run.target, self.run.mode)
     return self.dataset.x_test[keep][:count], np.asarray(self.backdoor_test.x[:count])
 
   def like(self) -> Any:

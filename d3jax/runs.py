@@ -3,10 +3,11 @@
 A run directory holds ``config.json`` (the full attack config, the model spec and the dataset
 spec, and for a defense its config and reserved-set draw), ``metrics.json`` (the table row and
 any warnings), ``metrics.csv`` and ``curves.png`` (per epoch), for an attack ``gallery.png`` (test
-images clean | poisoned | magnified residual, with the trigger the model was trained against), ``log.txt``, the orbax checkpoint
-``variables/``, the backdoor test set ``backdoor_test.npz`` (uint8 images, labels, true labels;
-loading a run reads it instead of building the trigger again), for an attack whose trigger trains
-with the model (input-aware) the trigger's variables ``trigger/``, and ``manifest.json``. A
+images clean | poisoned | magnified residual, with the trigger the model was trained against),
+``log.txt``, the orbax checkpoint ``variables/``, the backdoor test set ``backdoor_test.npz``
+(uint8 images, labels, true labels; loading a run reads it instead of building the trigger again),
+for an attack whose trigger trains with the model (input-aware) the trigger's variables
+``trigger/``, and ``manifest.json``. A
 defense run embeds what it needs from its attack run (its backdoor test set too), so it loads on
 its own, and it stores no path: run directories can be moved.
 """
@@ -208,7 +209,8 @@ class RunWriter:
 def write_trigger_gallery(backdoored: Backdoored, path: str | Path) -> None:
   """A PNG of the first test images clean | poisoned | magnified residual, with the trigger of
   ``backdoored`` (a trained trigger too; the model's variables are not needed)."""
-  write_rows([pair_row(backdoored.run.attack, *backdoored.gallery_pairs(GALLERY_IMAGES))], str(path))
+  pairs = backdoored.gallery_pairs(GALLERY_IMAGES)
+  write_rows([pair_row(backdoored.run.attack, *pairs)], str(path))
 
 
 def attack_config(run: AttackRun, backdoored: Backdoored) -> dict:

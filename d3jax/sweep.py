@@ -83,8 +83,8 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   and every seed, as one vmapped program per chunk, sharded over ``devices``.
 
   ``vmap_width`` runs share one vmap inside a chunk's program (the vmapped groups are scanned);
-  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, measured faster for the small CNN),
-  None vmaps the whole chunk.
+  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, measured faster
+  for the small CNN), None vmaps the whole chunk.
 
   Returns the defended variables of each run (a list, grid-major then seed) and a log with the
   hyperparameters and seed of each run, the grid as given, and the per-epoch losses (epochs, runs).

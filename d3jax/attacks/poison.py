@@ -168,7 +168,7 @@ def backdoor_test_set(x_test: Any, y_test: Any, trigger: Trigger, *, target: int
   ``y_orig`` holds the true labels; ``is_poison`` is all True.
   """
   x_test, y_test = _check_inputs(x_test, y_test, num_classes, target, label_mode, trigger)
-  keep = np.ones(len(y_test), bool) if label_mode in ("all2all", "untargeted") else y_test != target
+  keep = backdoor_test_rows(y_test, target, label_mode)
   if not keep.any():
     raise ValueError(
         f"every test sample has the target label {target}, so the backdoor test set is empty.")
@@ -178,6 +178,14 @@ def backdoor_test_set(x_test: Any, y_test: Any, trigger: Trigger, *, target: int
   labels = y_orig if label_mode == "untargeted" else _map_labels(y_orig, target, test_mode, num_classes)
   return PoisonedSet(_triggered(trigger, x_test, np.flatnonzero(keep), key), labels,
                      np.ones(len(y_orig), bool), y_orig)
+
+
+def backdoor_test_rows(y_test: np.ndarray, target: int, label_mode: str) -> np.ndarray:
+  """The test rows a backdoor test set is made from: every row for all2all and untargeted, else
+  every row whose true label is not ``target`` (BackdoorBench excludes the target class)."""
+  y_test = np.asarray(y_test)
+  return (np.ones(len(y_test), bool) if label_mode in ("all2all", "untargeted")
+          else y_test != target)
 
 
 def untargeted_success_rate(clean_predictions: Any, triggered_predictions: Any, y_true: Any) -> float:
