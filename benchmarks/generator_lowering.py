@@ -1,0 +1,67 @@
+"""Convolution lowering of the input-aware attack's generators on this backend: "lax" vs "im2col".
+
+Times, interleaved in one process (medians of 7 rounds after warm-up), the generator of
+:class:`d3jax.attacks.input_aware.InputAwareConfig` (width 32, 3 scales) at batch 128 in the two
+ways the attack runs it: a training step's forward and backward pass (mask pre-training, the
+pattern generator) and the eval-mode forward pass (the frozen mask generator, the poisoned test
+set), for MNIST (28×28×1) and CIFAR-10 (32×32×3) images. Prints seconds per batch and the
+im2col / lax ratio (> 1: lax is faster).
+
+Run:  .venv/bin/python benchmarks/generator_lowering.py
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from d3jax.attacks.input_aware import Generator, threshold
+
+ROUNDS = 7
+
+
+def programs(conv: str, x: jax.Array) -> dict:
+  """The jitted training pass and eval forward pass of one lowering, with their arguments."""
+  net = Generator(x.shape[-1], conv=conv)
+  variables = net.init(jax.random.key(1), x[:2])
+
+  @jax.jit
+  def train_pass(params, stats, x):
+    def loss(params):
+      out, updated = net.apply({"params": params, "batch_stats": stats}, x, train=True,
+                               mutable=["batch_stats"])
+      return jnp.mean(threshold(out)), updated
+    return jax.value_and_grad(loss, has_aux=True)(params)
+
+  @jax.jit
+  def eval_pass(variables, x):
+    return net.apply(variables, x, train=False)
+
+  return {"train fwd+bwd": (train_pass, (variables["params"], variables["batch_stats"], x)),
+          "eval fwd": (eval_pass, (variables, x))}
+
+
+def main() -> None:
+  for shape in ((28, 28, 1), (32, 32, 3)):
+    x = jax.random.normal(jax.random.key(0), (128, *shape))
+    sides = {conv: programs(conv, x) for conv in ("lax", "im2col")}
+    for what in ("train fwd+bwd", "eval fwd"):
+      times: dict[str, list[float]] = {"lax": [], "im2col": []}
+      for conv, progs in sides.items():
+        fn, args = progs[what]
+        jax.block_until_ready(fn(*args))  # compile and warm up
+      for _ in range(ROUNDS):
+        for conv, progs in sides.items():
+          fn, args = progs[what]
+          start = time.perf_counter()
+          jax.block_until_ready(fn(*args))
+          times[conv].append(time.perf_counter() - start)
+      lax_s, im2col_s = (float(np.median(times[c])) for c in ("lax", "im2col"))
+      print(f"{'x'.join(map(str, shape)):>8} {what:14} lax {lax_s:.3f} s  im2col {im2col_s:.3f} s  "
+            f"im2col/lax {im2col_s / lax_s:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
