@@ -1,11 +1,11 @@
 """Convolution lowering of the input-aware attack's generators on this backend: "lax" vs "im2col".
 
 Times, interleaved in one process (medians of 7 rounds after warm-up), the generator of
-:class:`d3jax.attacks.input_aware.InputAwareConfig` (width 32, 3 scales) at batch 128 in the two
-ways the attack runs it: a training step's forward and backward pass (mask pre-training, the
-pattern generator) and the eval-mode forward pass (the frozen mask generator, the poisoned test
-set), for MNIST (28×28×1) and CIFAR-10 (32×32×3) images. Prints seconds per batch and the
-im2col / lax ratio (> 1: lax is faster).
+:class:`d3jax.attacks.input_aware.InputAwareConfig` (width 32, 3 scales) at batch 128: a single
+jitted training pass (forward and backward) and eval-mode forward pass, for MNIST (28×28×1) and
+CIFAR-10 (32×32×3) images, then (MNIST only, 2 rounds) the way the attack really trains it: 3
+gradient steps inside one ``lax.scan``. Prints seconds per batch (per scan) and the im2col / lax
+ratio (> 1: lax is faster).
 
 Run:  .venv/bin/python benchmarks/generator_lowering.py
 """
@@ -43,6 +43,32 @@ def programs(conv: str, x: jax.Array) -> dict:
           "eval fwd": (eval_pass, (variables, x))}
 
 
+def scanned(conv: str, xs: jax.Array):
+  """3 SGD steps of the generator's training pass inside one jitted ``lax.scan``."""
+  net = Generator(xs.shape[-1], conv=conv)
+  variables = net.init(jax.random.key(1), xs[0, :2])
+
+  def step(params, x):
+    def loss(params):
+      out, _ = net.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                         train=True, mutable=["batch_stats"])
+      return jnp.mean(threshold(out))
+    return jax.tree.map(lambda p, g: p - 1e-3 * g, params, jax.grad(loss)(params)), None
+
+  return jax.jit(lambda params, xs: jax.lax.scan(step, params, xs)[0]), (variables["params"], xs)
+
+
+def timed(fn, args, rounds: int) -> float:
+  """Median seconds of ``rounds`` calls after one warm-up call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times))
+
+
 def main() -> None:
   for shape in ((28, 28, 1), (32, 32, 3)):
     x = jax.random.normal(jax.random.key(0), (128, *shape))
@@ -61,6 +87,10 @@ def main() -> None:
       lax_s, im2col_s = (float(np.median(times[c])) for c in ("lax", "im2col"))
       print(f"{'x'.join(map(str, shape)):>8} {what:14} lax {lax_s:.3f} s  im2col {im2col_s:.3f} s  "
             f"im2col/lax {im2col_s / lax_s:.2f}", flush=True)
+  xs = jax.random.normal(jax.random.key(0), (3, 128, 28, 28, 1))
+  lax_s, im2col_s = (timed(*scanned(conv, xs), rounds=2) for conv in ("lax", "im2col"))
+  print(f"{'28x28x1':>8} {'3-step scan':14} lax {lax_s:.3f} s  im2col {im2col_s:.3f} s  "
+        f"im2col/lax {im2col_s / lax_s:.2f}", flush=True)
 
 
 if __name__ == "__main__":

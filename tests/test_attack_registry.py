@@ -20,7 +20,7 @@ PUBLISHED = {
     "input_aware": {"width": 32, "depth": 3, "mask_epochs": 25, "cross_ratio": 0.1,
                     "lambda_div": 1.0, "lambda_norm": 100.0, "mask_density": 0.032,
                     "generator_lr": 0.01, "mask_lr": 0.01, "generator_milestones": "200,300,400,500",
-                    "mask_milestones": "10,20", "gamma": 0.1, "conv": "lax"},
+                    "mask_milestones": "10,20", "gamma": 0.1, "conv": "auto"},
 }
 
 

@@ -51,7 +51,7 @@ class Generator(nn.Module):
   channels: int
   width: int = 32
   depth: int = 3
-  conv: str = "lax"
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -157,10 +157,9 @@ class InputAwareConfig:
     mask_milestones: the same for the mask generator, in mask pre-training epochs.
     gamma: the step-decay factor.
     conv: the generators' convolution lowering, "auto" | "lax" | "im2col" (as the models').
-      "lax" by default on every backend: unlike the classifiers, these generators run faster
-      with XLA's own convolutions on the CPU too (``benchmarks/generator_lowering.py`` on a
-      2-core AMD EPYC: training pass 1.06–1.3×, eval-mode forward pass 1.9–2.1× faster at
-      28×28×1 and 32×32×3).
+      "auto" (im2col on the CPU): a single jitted generator pass is faster with "lax" there,
+      but inside the ``lax.scan`` epochs the attack trains in, "lax" is about 38× slower
+      (``benchmarks/generator_lowering.py``).
   """
 
   width: int = 32
@@ -175,7 +174,7 @@ class InputAwareConfig:
   generator_milestones: str = "200,300,400,500"
   mask_milestones: str = "10,20"
   gamma: float = 0.1
-  conv: str = "lax"
+  conv: str = "auto"
   name: ClassVar[str] = "input_aware"
   label_modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
   kind: ClassVar[str] = "training"
