@@ -58,15 +58,23 @@ def scanned(conv: str, xs: jax.Array):
   return jax.jit(lambda params, xs: jax.lax.scan(step, params, xs)[0]), (variables["params"], xs)
 
 
-def timed(fn, args, rounds: int) -> float:
-  """Median seconds of ``rounds`` calls after one warm-up call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(rounds):
-    start = time.perf_counter()
+def interleaved_medians(sides: dict[str, tuple], rounds: int) -> dict[str, float]:
+  """Median seconds per call of each side's ``(fn, args)``, after one warm-up call each, the sides
+  alternating inside every round."""
+  for fn, args in sides.values():
     jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  times: dict[str, list[float]] = {name: [] for name in sides}
+  for _ in range(rounds):
+    for name, (fn, args) in sides.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn(*args))
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(values)) for name, values in times.items()}
+
+
+def report(shape: str, what: str, seconds: dict[str, float]) -> None:
+  print(f"{shape:>8} {what:14} lax {seconds['lax']:.3f} s  im2col {seconds['im2col']:.3f} s  "
+        f"im2col/lax {seconds['im2col'] / seconds['lax']:.2f}", flush=True)
 
 
 def main() -> None:
@@ -74,23 +82,11 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (128, *shape))
     sides = {conv: programs(conv, x) for conv in ("lax", "im2col")}
     for what in ("train fwd+bwd", "eval fwd"):
-      times: dict[str, list[float]] = {"lax": [], "im2col": []}
-      for conv, progs in sides.items():
-        fn, args = progs[what]
-        jax.block_until_ready(fn(*args))  # compile and warm up
-      for _ in range(ROUNDS):
-        for conv, progs in sides.items():
-          fn, args = progs[what]
-          start = time.perf_counter()
-          jax.block_until_ready(fn(*args))
-          times[conv].append(time.perf_counter() - start)
-      lax_s, im2col_s = (float(np.median(times[c])) for c in ("lax", "im2col"))
-      print(f"{'x'.join(map(str, shape)):>8} {what:14} lax {lax_s:.3f} s  im2col {im2col_s:.3f} s  "
-            f"im2col/lax {im2col_s / lax_s:.2f}", flush=True)
+      seconds = interleaved_medians({conv: progs[what] for conv, progs in sides.items()}, ROUNDS)
+      report("x".join(map(str, shape)), what, seconds)
   xs = jax.random.normal(jax.random.key(0), (3, 128, 28, 28, 1))
-  lax_s, im2col_s = (timed(*scanned(conv, xs), rounds=2) for conv in ("lax", "im2col"))
-  print(f"{'28x28x1':>8} {'3-step scan':14} lax {lax_s:.3f} s  im2col {im2col_s:.3f} s  "
-        f"im2col/lax {im2col_s / lax_s:.2f}", flush=True)
+  report("28x28x1", "3-step scan",
+         interleaved_medians({conv: scanned(conv, xs) for conv in ("lax", "im2col")}, rounds=2))
 
 
 if __name__ == "__main__":
