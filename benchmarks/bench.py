@@ -9,8 +9,10 @@ wall times after warm-up, reported as images per second and as ratios.
 * ``steps``: one training step (forward, backward, update) of D3 (hinge loss, distance ascent on
   the head, SGD momentum, projection of the head onto its norm) and of plain SGD (cross-entropy,
   momentum 0.9, weight decay 5e-4), train-mode BN, batch 128 of 32×32×3 images, no augmentation,
-  for the small CNN (width 32) and PreAct-ResNet18 (width 64); d3jax with both conv lowerings.
-  Compile seconds are those of d3jax's first call.
+  for the small CNN (width 32) and PreAct-ResNet18 (width 64); d3jax with both conv lowerings,
+  each step its own jitted call. ``--scan-steps K`` adds a d3jax side that runs K steps inside one
+  jitted ``lax.scan`` (state donated), the form the engine's epochs take; its img/s count all K
+  steps of a call. Compile seconds are those of d3jax's first call.
 * ``eval``: eval-mode logits of 1,000 images in batches of 500.
 * ``grid``: one epoch of a G-run D3 grid, as one vmap over all G runs (``vmap``) and as the runs
   scanned one at a time inside the same program (``scan``, the CPU default), against the same G
@@ -142,13 +144,20 @@ def recipe(kind: str, batch_size: int, epochs: int = 100):
   return defenses.get("ft", batch_size=batch_size, crop_padding=0, epochs=epochs)
 
 
-def jax_step_fn(name: str, width: int, kind: str, conv: str, images: np.ndarray, labels: np.ndarray):
+def jax_step_fn(name: str, width: int, kind: str, conv: str, images: np.ndarray, labels: np.ndarray,
+                scan_steps: int = 0):
+  """A callable running one d3jax step (or ``scan_steps`` steps in one ``lax.scan``) and the
+  seconds of its first call (compilation included)."""
   model = get_model(name, 10, width=width, conv=conv)
   program = train.Program(model, recipe(kind, images.shape[0]), NORM)
   variables = train.init_variables(model, images.shape[1:], jax.random.key(0))
   state = train.init_state(program, variables, images.shape[0], jax.random.key(1))
   batch = train.Batch(jnp.asarray(images), jnp.asarray(labels), jnp.ones(images.shape[0], bool))
-  step = jax.jit(program.step)
+  if scan_steps:
+    step = jax.jit(lambda s, b: jax.lax.scan(lambda c, _: program.step(c, b), s, None,
+                                             length=scan_steps), donate_argnums=0)
+  else:
+    step = jax.jit(program.step)
   holder = {"state": state}
 
   def run() -> None:
@@ -174,8 +183,8 @@ def interleaved(sides: dict, rounds: int, steps: int) -> dict[str, float]:
   return {name: statistics.median(values) for name, values in times.items()}
 
 
-def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tuple[str, ...]
-                ) -> list[dict]:
+def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tuple[str, ...],
+                scan_steps: int = 0) -> list[dict]:
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 128).astype(np.int32)
@@ -190,6 +199,9 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
       lowerings = ("im2col", "lax") if name in lax_models else ("im2col",)
       for conv in lowerings:
         sides[f"d3jax-{conv}"], compile_s[conv] = jax_step_fn(name, width, kind, conv, images, labels)
+      if scan_steps:
+        sides["d3jax-scan"], compile_s["scan"] = jax_step_fn(name, width, kind, "im2col", images,
+                                                             labels, scan_steps)
       torch.manual_seed(0)
       t_step = torch_step_fn(torch_model(name, width), kind)
       sides["torch"] = lambda: t_step(t_images, t_labels)
@@ -199,6 +211,11 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
         row[f"{conv}_img_s"] = 128 / medians[f"d3jax-{conv}"]
         row[f"{conv}_ratio"] = medians["torch"] / medians[f"d3jax-{conv}"]
         row[f"{conv}_compile_s"] = compile_s[conv]
+      if scan_steps:
+        row["scan_steps"] = scan_steps
+        row["scan_img_s"] = 128 * scan_steps / medians["d3jax-scan"]
+        row["scan_ratio"] = row["scan_img_s"] / row["torch_img_s"]
+        row["scan_compile_s"] = compile_s["scan"]
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
@@ -298,6 +315,8 @@ def main() -> None:
                       help="models whose step is also timed with XLA's own convolution")
   parser.add_argument("--step-models", default="small_cnn,preact_resnet18",
                       help="models whose steps are timed")
+  parser.add_argument("--scan-steps", type=int, default=0,
+                      help="also time K d3jax steps inside one lax.scan (the engine's epoch form)")
   parser.add_argument("--grid-small", default="1,4,8", help="grid sizes for the small CNN")
   parser.add_argument("--grid-resnet", default="1,4", help="grid sizes for PreAct-ResNet18")
   parser.add_argument("--json", default=None, help="write every row here")
@@ -307,7 +326,7 @@ def main() -> None:
   sections = args.sections.split(",")
   if "steps" in sections:
     results["steps"] = bench_steps(args.rounds, args.steps, tuple(args.lax_models.split(",")),
-                                   tuple(args.step_models.split(",")))
+                                   tuple(args.step_models.split(",")), args.scan_steps)
   if "eval" in sections:
     results["eval"] = bench_eval(args.rounds)
   if "grid" in sections:

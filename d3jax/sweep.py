@@ -2,9 +2,10 @@
 
 A grid of G runs is one :class:`d3jax.train.TrainState` stacked on a leading axis and trained by
 ``jax.vmap`` of the defense's jitted epoch (:func:`d3jax.train.grid_axes`): one compilation and
-one dispatch per epoch serve every run. On one CPU device the vmap holds one run at a time and the
-runs are scanned inside the same program by default (:func:`d3jax.train.grid_vmap_width`, measured
-faster for the small CNN; ``vmap_width=None`` vmaps the whole chunk, faster for PreAct-ResNet18).
+one dispatch per epoch serve every run. On one CPU device the runs are scanned one at a time
+inside the same program by default (:func:`d3jax.train.grid_vmap_width`: measured faster than one
+vmap over the chunk, and than the same runs one by one, for the small CNN and PreAct-ResNet18);
+``vmap_width=None`` vmaps the whole chunk.
 The grid axis is laid out over ``jax.devices()`` with a
 ``Mesh`` and ``NamedSharding`` (one CPU, several GPUs or a TPU slice alike); when G is larger than
 ``chunk_size`` the grid runs in chunks of that many runs. For multi-host runs, call
@@ -83,8 +84,8 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   and every seed, as one vmapped program per chunk, sharded over ``devices``.
 
   ``vmap_width`` runs share one vmap inside a chunk's program (the vmapped groups are scanned);
-  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, measured faster
-  for the small CNN), None vmaps the whole chunk.
+  ``"auto"`` takes :func:`d3jax.train.grid_vmap_width` (on one CPU device: 1, the runs scanned
+  one at a time, measured fastest), None vmaps the whole chunk.
 
   Returns the defended variables of each run (a list, grid-major then seed) and a log with the
   hyperparameters and seed of each run, the grid as given, and the per-epoch losses (epochs, runs).

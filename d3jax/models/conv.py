@@ -51,29 +51,36 @@ def explicit_padding(padding: Padding, kernel_size: tuple[int, int], strides: tu
   return pads
 
 
+def im2col_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[int, int],
+                   padding: tuple[tuple[int, int], tuple[int, int]]
+                   ) -> tuple[jax.Array, tuple[int, int, int]]:
+  """The patch matrix (N·Ho·Wo, kh·kw·cin) of an NHWC input and the output's (N, Ho, Wo).
+
+  Patches are gathered by kh·kw strided slices of the zero-padded input, in (i, j, c) order, which
+  is the row order of ``kernel.reshape(kh·kw·cin, cout)``.
+  """
+  kh, kw = kernel_size
+  sh, sw = strides
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n, hp, wp, cin = x.shape
+  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+  slices = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
+            for i in range(kh) for j in range(kw)]
+  patches = slices[0] if len(slices) == 1 else jnp.concatenate(slices, axis=-1)
+  return patches.reshape(n * ho * wo, kh * kw * cin), (n, ho, wo)
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                 padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """NHWC convolution (cross-correlation, as ``lax.conv_general_dilated``) as patches @ kernel.
-
-  Patches are gathered by kh·kw strided slices of the zero-padded input, in (i, j, c) order, which
-  is the row order of ``kernel.reshape(kh·kw·cin, cout)``. Jitted, so that eager (un-jitted)
-  model calls run one compiled program per convolution instead of dispatching every slice; inside
-  a traced function it is inlined.
+  """NHWC convolution (cross-correlation, as ``lax.conv_general_dilated``) as patches @ kernel
+  (:func:`im2col_patches`). Jitted, so that eager (un-jitted) model calls run one compiled
+  program per convolution instead of dispatching every slice; inside a traced function it is
+  inlined.
   """
   kh, kw, cin, cout = kernel.shape
-  sh, sw = strides
-  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  n, hp, wp, _ = x.shape
-  ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-  if kh == kw == 1:
-    patches = x[:, :(ho - 1) * sh + 1:sh, :(wo - 1) * sw + 1:sw, :]
-  else:
-    slices = [x[:, i:i + (ho - 1) * sh + 1:sh, j:j + (wo - 1) * sw + 1:sw, :]
-              for i in range(kh) for j in range(kw)]
-    patches = jnp.concatenate(slices, axis=-1)
-  out = patches.reshape(n * ho * wo, kh * kw * cin) @ kernel.reshape(kh * kw * cin, cout)
-  return out.reshape(n, ho, wo, cout)
+  patches, (n, ho, wo) = im2col_patches(x, (kh, kw), strides, padding)
+  return (patches @ kernel.reshape(kh * kw * cin, cout)).reshape(n, ho, wo, cout)
 
 
 class Conv(nn.Module):
