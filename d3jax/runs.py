@@ -165,17 +165,24 @@ class RunWriter:
     self.resume = resume
     self.stage: Path | None = None
     self._handler: logging.Handler | None = None
+    self._level = logging.NOTSET
 
   def __enter__(self) -> "RunWriter":
     self.stage = checkpoint.begin_run(self.out, resume=self.resume)
     self._handler = logging.FileHandler(self.stage / "log.txt")
     self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     LOG.addHandler(self._handler)
+    # Outside the command line nobody sets the "d3jax" logger's level, and Python's default
+    # (WARNING) would drop the run's INFO lines before they reach log.txt.
+    self._level = LOG.level
+    if LOG.getEffectiveLevel() > logging.INFO:
+      LOG.setLevel(logging.INFO)
     return self
 
   def __exit__(self, *exc) -> None:
     LOG.removeHandler(self._handler)
     self._handler.close()
+    LOG.setLevel(self._level)
 
   def start(self, config: dict) -> None:
     """Writes ``config.json``; when resuming, checks it equals the interrupted run's."""

@@ -238,3 +238,22 @@ def test_tracking_rejects_a_negative_checkpoint_interval():
   from d3jax import runs  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="checkpoint_every_s must be"):
     runs.Tracking(checkpoint_every_s=-1)
+
+
+def test_run_log_keeps_info_lines_without_the_command_line(tmp_path):
+  """A run written through the Python API (no ``d3jax`` command to set the logger's level) still
+  gets its INFO lines in log.txt, and the logger's own level is restored afterwards."""
+  import logging  # pylint: disable=import-outside-toplevel
+  from d3jax import runs  # pylint: disable=import-outside-toplevel
+  previous = runs.LOG.level
+  runs.LOG.setLevel(logging.NOTSET)
+  try:
+    assert runs.LOG.getEffectiveLevel() > logging.INFO  # Python's default: WARNING
+    with runs.RunWriter(tmp_path / "run") as writer:
+      runs.LOG.info("epoch 1/1 loss 0.5")
+      log = writer.stage / "log.txt"
+      writer._handler.flush()  # pylint: disable=protected-access
+      assert "epoch 1/1 loss 0.5" in log.read_text()
+    assert runs.LOG.level == logging.NOTSET
+  finally:
+    runs.LOG.setLevel(previous)
