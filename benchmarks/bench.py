@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import subprocess
 import time
 
@@ -38,6 +37,7 @@ from torch import nn
 from d3jax import defenses, train
 from d3jax.models import get_model
 from d3jax.sweep import init_grid
+from timing import interleaved
 
 NORM = train.Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -167,20 +167,6 @@ def jax_step_fn(name: str, width: int, kind: str, conv: str, images: np.ndarray,
   start = time.perf_counter()
   run()
   return run, time.perf_counter() - start
-
-
-def interleaved(sides: dict, rounds: int, steps: int) -> dict[str, float]:
-  """Median seconds per call of each side; sides alternate within every round."""
-  times = {name: [] for name in sides}
-  for fn in sides.values():  # warm-up
-    fn()
-  for _ in range(rounds):
-    for name, fn in sides.items():
-      for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tuple[str, ...],

@@ -10,13 +10,12 @@ Run:  .venv/bin/python benchmarks/conv_backward_ab.py
 """
 from __future__ import annotations
 
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3jax.models.conv import im2col_conv
+from d3jax.models.conv import im2col_conv, im2col_patches
+from timing import interleaved
 
 SAME_3X3 = ((1, 1), (1, 1))
 
@@ -32,13 +31,11 @@ def _forward(x, kernel):
 
 def _backward(residuals, dy):
   x, kernel = residuals
-  kh, kw, cin, cout = kernel.shape
+  kh, kw, _, cout = kernel.shape
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   dx = im2col_conv(dy, flipped, (1, 1), SAME_3X3)
-  padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  n, h, w, _ = x.shape
-  patches = jnp.concatenate([padded[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], -1)
-  dk = patches.reshape(-1, kh * kw * cin).T @ dy.reshape(-1, cout)
+  patches, _ = im2col_patches(x, (kh, kw), (1, 1), SAME_3X3)
+  dk = patches.T @ dy.reshape(-1, cout)
   return dx, dk.reshape(kernel.shape)
 
 
@@ -55,13 +52,9 @@ def main() -> None:
     a, b = autodiff(x, kernel), custom(x, kernel)
     np.testing.assert_allclose(a[0], b[0], atol=1e-4)
     np.testing.assert_allclose(a[1], b[1], rtol=1e-4, atol=1e-3)
-    times = {"autodiff": [], "custom": []}
-    for _ in range(7):
-      for name, fn in (("autodiff", autodiff), ("custom", custom)):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(x, kernel))
-        times[name].append(time.perf_counter() - start)
-    a_ms, b_ms = (1e3 * np.median(times[name]) for name in ("autodiff", "custom"))
+    seconds = interleaved({name: lambda fn=fn: jax.block_until_ready(fn(x, kernel))
+                           for name, fn in (("autodiff", autodiff), ("custom", custom))}, 7)
+    a_ms, b_ms = (1e3 * seconds[name] for name in ("autodiff", "custom"))
     print(f"{channels:4d} ch {side:2d}×{side:<2d}  autodiff {a_ms:7.1f} ms  custom {b_ms:7.1f} ms  "
           f"custom ÷ autodiff {b_ms / a_ms:.2f}", flush=True)
 

@@ -31,10 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from d3jax import train
 from d3jax.models import conv as conv_module
 
 import bench
+from timing import interleaved
 
 DN = ("NHWC", "HWIO", "NHWC")
 LIBRARY_IM2COL = conv_module.im2col_conv  # the library's lowering, before any patching below
@@ -159,7 +159,7 @@ def bench_parts(n: int, size: int, channels: int, rounds: int) -> dict[str, floa
         lambda s, _: (s * 1.0001, jnp.sum(fn(k, x + s))), 1.0, None, length=3)[1])
     return lambda: loop(k, x).block_until_ready()
 
-  medians = bench.interleaved({name: scanned(fn) for name, fn in parts.items()}, rounds, 1)
+  medians = interleaved({name: scanned(fn) for name, fn in parts.items()}, rounds, 1)
   return {name: 1e3 * t / 3 for name, t in medians.items()}
 
 
@@ -179,7 +179,7 @@ def bench_steps(rounds: int, scan_steps: int = 4) -> dict[str, float]:
                                       scan_steps)[0]
     finally:
       conv_module.im2col_conv = LIBRARY_IM2COL
-  medians = bench.interleaved(sides, rounds, 1)
+  medians = interleaved(sides, rounds, 1)
   return {name: 128 * scan_steps / t for name, t in medians.items()}
 
 

@@ -11,13 +11,13 @@ Run:  .venv/bin/python benchmarks/generator_lowering.py
 """
 from __future__ import annotations
 
-import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from d3jax.attacks.input_aware import Generator, threshold
+from timing import interleaved
 
 ROUNDS = 7
 
@@ -58,18 +58,9 @@ def scanned(conv: str, xs: jax.Array):
   return jax.jit(lambda params, xs: jax.lax.scan(step, params, xs)[0]), (variables["params"], xs)
 
 
-def interleaved_medians(sides: dict[str, tuple], rounds: int) -> dict[str, float]:
-  """Median seconds per call of each side's ``(fn, args)``, after one warm-up call each, the sides
-  alternating inside every round."""
-  for fn, args in sides.values():
-    jax.block_until_ready(fn(*args))
-  times: dict[str, list[float]] = {name: [] for name in sides}
-  for _ in range(rounds):
-    for name, (fn, args) in sides.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn(*args))
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(values)) for name, values in times.items()}
+def timed(fn: Callable, args: tuple) -> Callable[[], object]:
+  """A side for :func:`timing.interleaved`: one blocking call of ``fn(*args)``."""
+  return lambda: jax.block_until_ready(fn(*args))
 
 
 def report(shape: str, what: str, seconds: dict[str, float]) -> None:
@@ -82,11 +73,11 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (128, *shape))
     sides = {conv: programs(conv, x) for conv in ("lax", "im2col")}
     for what in ("train fwd+bwd", "eval fwd"):
-      seconds = interleaved_medians({conv: progs[what] for conv, progs in sides.items()}, ROUNDS)
+      seconds = interleaved({conv: timed(*progs[what]) for conv, progs in sides.items()}, ROUNDS)
       report("x".join(map(str, shape)), what, seconds)
   xs = jax.random.normal(jax.random.key(0), (3, 128, 28, 28, 1))
   report("28x28x1", "3-step scan",
-         interleaved_medians({conv: scanned(conv, xs) for conv in ("lax", "im2col")}, rounds=2))
+         interleaved({conv: timed(*scanned(conv, xs)) for conv in ("lax", "im2col")}, rounds=2))
 
 
 if __name__ == "__main__":

@@ -319,14 +319,17 @@ def _mapped(fn: Callable, axes: TrainState | None, out_axes: Any, vmap_width: in
     return jax.tree.map(lambda ax, sub: jax.tree.map(fn_shared if ax is None else fn_stacked, sub),
                         axes, tree, is_leaf=_is_none)
 
-  # Width 1 runs ``fn`` itself on each run's slice: a vmap of size 1 would add a unit batch axis
-  # to every convolution and matrix product of the step.
-  run = fn if vmap_width == 1 else vmapped
+  if vmap_width == 1:
+    # Each run's slice goes through ``fn`` itself: a vmap of size 1 would add a unit batch axis
+    # to every convolution and matrix product of the step.
+    run, split, unchunk = fn, (lambda x: x), (lambda x: x)
+  else:
+    run = vmapped
+    split = lambda x: x.reshape((x.shape[0] // vmap_width, vmap_width) + x.shape[1:])
+    unchunk = lambda x: x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
   def in_chunks(state, images, labels):
-    size = jax.tree.leaves(state.params)[0].shape[0]
-    split = lambda x: x.reshape((size // vmap_width, vmap_width) + x.shape[1:])
-    chunks = per_field(split if vmap_width > 1 else lambda x: x, lambda x: None, state)
+    chunks = per_field(split, lambda x: None, state)
 
     def one_chunk(_, chunk):
       merged = jax.tree.map(lambda ax, shared, own: shared if ax is None else own, axes, state,
@@ -334,7 +337,6 @@ def _mapped(fn: Callable, axes: TrainState | None, out_axes: Any, vmap_width: in
       return None, run(merged, images, labels)
 
     _, (state, metrics) = jax.lax.scan(one_chunk, None, chunks)
-    unchunk = (lambda x: x.reshape((size,) + x.shape[2:])) if vmap_width > 1 else lambda x: x
     return per_field(unchunk, lambda x: x[0], state), jax.tree.map(unchunk, metrics)
 
   return in_chunks
@@ -345,10 +347,10 @@ def grid_vmap_width(size: int, devices: int = 1) -> int | None:
   accelerators and on several devices; on one CPU device 1, i.e. the runs scanned one at a time
   inside one compiled program, each run's epoch the same unbatched program as a run alone.
 
-  Measured on a 2-core CPU, quiet, interleaved in one process (benchmarks/RESULTS.md): one D3
-  epoch of the grid took 0.88× the one-by-one time for the demo's small CNN (G = 8) and 0.92× for
-  PreAct-ResNet18 (G = 4); one vmap over the whole grid took 1.19–1.38× and 1.49×, its
-  batched matrix products of per-run weights running slower than G separate ones.
+  Measured on a 2-core CPU, quiet (``benchmarks/bench.py --sections grid``, benchmarks/RESULTS.md):
+  one D3 epoch of the grid took 0.95× the one-by-one time for the demo's small CNN (G = 8) and
+  0.86× for PreAct-ResNet18 (G = 4); one vmap over the whole grid took 1.19–1.49×, its batched
+  matrix products of per-run weights running slower than G separate ones.
   """
   if jax.default_backend() != "cpu" or devices > 1:
     return None

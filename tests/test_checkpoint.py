@@ -251,9 +251,7 @@ def test_run_log_keeps_info_lines_without_the_command_line(tmp_path):
     assert runs.LOG.getEffectiveLevel() > logging.INFO  # Python's default: WARNING
     with runs.RunWriter(tmp_path / "run") as writer:
       runs.LOG.info("epoch 1/1 loss 0.5")
-      log = writer.stage / "log.txt"
-      writer._handler.flush()  # pylint: disable=protected-access
-      assert "epoch 1/1 loss 0.5" in log.read_text()
+      assert "epoch 1/1 loss 0.5" in (writer.stage / "log.txt").read_text()
     assert runs.LOG.level == logging.NOTSET
   finally:
     runs.LOG.setLevel(previous)
