@@ -9,10 +9,11 @@ wall times after warm-up, reported as images per second and as ratios.
 * ``steps``: one training step (forward, backward, update) of D3 (hinge loss, distance ascent on
   the head, SGD momentum, projection of the head onto its norm) and of plain SGD (cross-entropy,
   momentum 0.9, weight decay 5e-4), train-mode BN, batch 128 of 32×32×3 images, no augmentation,
-  for the small CNN (width 32) and PreAct-ResNet18 (width 64); d3jax with both conv lowerings,
-  each step its own jitted call. ``--scan-steps K`` adds a d3jax side that runs K steps inside one
-  jitted ``lax.scan`` (state donated), the form the engine's epochs take; its img/s count all K
-  steps of a call. Compile seconds are those of d3jax's first call.
+  for the small CNN (width 32) and PreAct-ResNet18 (width 64); d3jax with im2col everywhere and
+  with the default ``auto`` lowering (Winograd for the 3×3 stride-1 layers of ≥ 64 channels, im2col
+  elsewhere), each step its own jitted call. ``--scan-steps K`` adds, for both, a side that runs K
+  steps inside one jitted ``lax.scan`` (state donated), the form the engine's epochs take; its img/s
+  count all K steps of a call. Compile seconds are those of d3jax's first call.
 * ``eval``: eval-mode logits of 1,000 images in batches of 500.
 * ``grid``: one epoch of a G-run D3 grid, as one vmap over all G runs (``vmap``) and as the runs
   scanned one at a time inside the same program (``scan``, the CPU default), against the same G
@@ -182,12 +183,13 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
       continue
     for kind in ("d3", "sgd"):
       sides, compile_s = {}, {}
-      lowerings = ("im2col", "lax") if name in lax_models else ("im2col",)
+      lowerings = ("im2col", "auto") + (("lax",) if name in lax_models else ())
+      scanned = ("im2col", "auto") if scan_steps else ()
       for conv in lowerings:
         sides[f"d3jax-{conv}"], compile_s[conv] = jax_step_fn(name, width, kind, conv, images, labels)
-      if scan_steps:
-        sides["d3jax-scan"], compile_s["scan"] = jax_step_fn(name, width, kind, "im2col", images,
-                                                             labels, scan_steps)
+      for conv in scanned:
+        sides[f"d3jax-scan-{conv}"], compile_s[f"scan_{conv}"] = jax_step_fn(
+            name, width, kind, conv, images, labels, scan_steps)
       torch.manual_seed(0)
       t_step = torch_step_fn(torch_model(name, width), kind)
       sides["torch"] = lambda: t_step(t_images, t_labels)
@@ -197,11 +199,11 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
         row[f"{conv}_img_s"] = 128 / medians[f"d3jax-{conv}"]
         row[f"{conv}_ratio"] = medians["torch"] / medians[f"d3jax-{conv}"]
         row[f"{conv}_compile_s"] = compile_s[conv]
-      if scan_steps:
+      for conv in scanned:
         row["scan_steps"] = scan_steps
-        row["scan_img_s"] = 128 * scan_steps / medians["d3jax-scan"]
-        row["scan_ratio"] = row["scan_img_s"] / row["torch_img_s"]
-        row["scan_compile_s"] = compile_s["scan"]
+        row[f"scan_{conv}_img_s"] = 128 * scan_steps / medians[f"d3jax-scan-{conv}"]
+        row[f"scan_{conv}_ratio"] = row[f"scan_{conv}_img_s"] / row["torch_img_s"]
+        row[f"scan_{conv}_compile_s"] = compile_s[f"scan_{conv}"]
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows

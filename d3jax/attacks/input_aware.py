@@ -156,7 +156,7 @@ class InputAwareConfig:
       multiplied by ``gamma`` (empty: never).
     mask_milestones: the same for the mask generator, in mask pre-training epochs.
     gamma: the step-decay factor.
-    conv: the generators' convolution lowering, "auto" | "lax" | "im2col" (as the models').
+    conv: the generators' convolution lowering, "auto" | "lax" | "im2col" | "winograd" (as the models').
       "auto" (im2col on the CPU): a single jitted generator pass is faster with "lax" there,
       but inside the ``lax.scan`` epochs the attack trains in, "lax" is about 38× slower
       (``benchmarks/generator_lowering.py``).

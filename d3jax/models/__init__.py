@@ -49,7 +49,7 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
 
   Options: ``small_cnn``: width=32; ``preact_resnet18``: width=64;
   ``vgg11``/``vgg19_bn``: width=64, small_input=False, hidden=None. Every model takes
-  ``conv="auto" | "lax" | "im2col"``, the convolution lowering (:mod:`d3jax.models.conv`).
+  ``conv="auto" | "lax" | "im2col" | "winograd"``, the convolution lowering (:mod:`d3jax.models.conv`).
 
   Raises:
     ValueError: unknown name, num_classes < 2, an unknown option or an invalid value.

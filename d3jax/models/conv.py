@@ -11,8 +11,16 @@ function:
   convolution for training steps, it stays fast inside ``lax.scan`` (the lax convolution is ~25×
   slower there, jax-ml/jax#12868), and under ``jax.vmap`` over per-run weights it becomes a
   batched matrix product instead of a slow grouped convolution.
+* ``"winograd"``: Winograd's minimal filtering F(2×2, 3×3) (Lavin & Gray, "Fast Algorithms for
+  Convolutional Neural Networks", CVPR 2016, Sec. 4) for the 3×3 stride-1 convolutions padded by one
+  pixel on every side with even height and width (:func:`winograd_applies`): 16 matrix products of
+  (N·H·W/4, cin) × (cin, cout) instead of one of (N·H·W, 9·cin) × (9·cin, cout), 2.25× fewer
+  multiplications, and a transformed input 4× (not 9×) the input's size. Other convolutions of the
+  model use im2col.
 
-``"auto"`` (the default) picks im2col on the CPU backend and lax elsewhere, at trace time.
+``"auto"`` (the default) picks lax on GPU/TPU, and on the CPU backend Winograd where it applies and
+the layer has at least :data:`WINOGRAD_MIN_CHANNELS` input channels, im2col elsewhere (decided at
+trace time, per layer).
 """
 from __future__ import annotations
 
@@ -23,17 +31,42 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LOWERINGS = ("auto", "lax", "im2col")
+LOWERINGS = ("auto", "lax", "im2col", "winograd")
+# "auto" uses Winograd on CPU from this many input channels: measured faster per layer at 128–256
+# channels and no slower at 64 (PreAct-ResNet18 D3 step, benchmarks/RESULTS.md).
+WINOGRAD_MIN_CHANNELS = 64
 Padding = str | Sequence[tuple[int, int]]
 
 
 def resolve_lowering(lowering: str) -> str:
-  """``auto`` → ``im2col`` on the CPU backend, ``lax`` on GPU/TPU; other names pass through."""
+  """``auto`` → ``im2col`` on the CPU backend (Winograd is then chosen per layer, see
+  :func:`layer_lowering`), ``lax`` on GPU/TPU; other names pass through."""
   if lowering not in LOWERINGS:
     raise ValueError(f"conv lowering must be one of {LOWERINGS}, got {lowering!r}.")
   if lowering == "auto":
     return "im2col" if jax.default_backend() == "cpu" else "lax"
   return lowering
+
+
+def winograd_applies(x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                     strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+                     ) -> bool:
+  """Whether F(2×2, 3×3) computes this convolution: a 3×3 kernel, stride 1, one pixel of padding
+  on every side, even height and width (whole 2×2 output tiles)."""
+  return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+          and padding == ((1, 1), (1, 1)) and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0)
+
+
+def layer_lowering(lowering: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...],
+                   strides: tuple[int, int], padding: tuple[tuple[int, int], tuple[int, int]]
+                   ) -> str:
+  """The lowering one layer uses: ``"lax"``, ``"im2col"`` or ``"winograd"`` (module docstring)."""
+  resolved = resolve_lowering(lowering)
+  if resolved == "lax" or not winograd_applies(x_shape, kernel_shape, strides, padding):
+    return "lax" if resolved == "lax" else "im2col"
+  if lowering == "auto":
+    return "winograd" if kernel_shape[2] >= WINOGRAD_MIN_CHANNELS else "im2col"
+  return resolved
 
 
 def explicit_padding(padding: Padding, kernel_size: tuple[int, int], strides: tuple[int, int],
@@ -83,6 +116,120 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   return (patches @ kernel.reshape(kh * kw * cin, cout)).reshape(n, ho, wo, cout)
 
 
+# Winograd F(2×2, 3×3), Lavin & Gray (CVPR 2016), Sec. 4: for a 4×4 input tile d and a 3×3 kernel g,
+# the 2×2 output tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A. Tiles overlap by two pixels, so viewing the
+# padded input as pairs of rows and pairs of columns, (N, th + 1, 2, tw + 1, 2, C), makes each of
+# the 16 tile entries a plain slice. Every transform below is written as one stack of ±sums of such
+# slices (XLA:CPU then builds each in a single pass), and the element-wise product summed over input
+# channels is one matrix product per entry of the 4×4 transformed tile.
+_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def _transposed(matrix: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...], ...]:
+  return tuple(zip(*matrix))
+
+
+def _bilinear(left, right, planes: list[list[jax.Array]]) -> jax.Array:
+  """Stack over (a, b) of Σ_ij left[a][i]·right[b][j]·planes[i][j], zero terms skipped:
+  the 2-D transform L·P·Rᵀ applied to a grid of equally shaped arrays."""
+  out = []
+  for row in left:
+    for col in right:
+      terms = [planes[i][j] if l * r == 1 else l * r * planes[i][j]
+               for i, l in enumerate(row) for j, r in enumerate(col) if l and r]
+      out.append(functools.reduce(jnp.add, terms))
+  return jnp.stack(out)
+
+
+def _grid(array: jax.Array, rows: int, cols: int) -> list[list[jax.Array]]:
+  return [[array[i, j] for j in range(cols)] for i in range(rows)]
+
+
+def _interleave(planes: jax.Array) -> jax.Array:
+  """(2, 2, N, h, w, C) → (N, 2h, 2w, C), plane (p, q) on rows ≡ p and columns ≡ q (mod 2)."""
+  _, _, n, h, w, c = planes.shape
+  return planes.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * h, 2 * w, c)
+
+
+def _overlap_add(first: jax.Array, second: jax.Array, axis: int) -> jax.Array:
+  """Length + 1 along ``axis``: ``first`` added at offsets 0.., ``second`` at offsets 1.."""
+  size = first.shape[axis]
+  cut = functools.partial(jax.lax.slice_in_dim, axis=axis)
+  return jnp.concatenate([cut(first, 0, 1), cut(first, 1, size) + cut(second, 0, size - 1),
+                          cut(second, size - 1, size)], axis=axis)
+
+
+def _winograd_input(xp: jax.Array) -> jax.Array:
+  """Bᵀ d B of every 4×4 tile of the padded input (N, 2·th + 2, 2·tw + 2, C) → (16, N·th·tw, C)."""
+  n, hp, wp, c = xp.shape
+  th, tw = hp // 2 - 1, wp // 2 - 1
+  pairs = xp.reshape(n, th + 1, 2, tw + 1, 2, c)
+  tile = [[pairs[:, i // 2:i // 2 + th, i % 2, j // 2:j // 2 + tw, j % 2] for j in range(4)]
+          for i in range(4)]
+  return _bilinear(_BT, _BT, tile).reshape(16, n * th * tw, c)
+
+
+def _winograd_input_transpose(dv: jax.Array, n: int, th: int, tw: int) -> jax.Array:
+  """The transpose of :func:`_winograd_input`: B dV Bᵀ per tile, overlapping tiles summed."""
+  c = dv.shape[-1]
+  tile = _bilinear(_transposed(_BT), _transposed(_BT),
+                   _grid(dv.reshape(4, 4, n, th, tw, c), 4, 4)).reshape(4, 4, n, th, tw, c)
+  rows = [[_overlap_add(tile[s, j], tile[s + 2, j], 1) for j in range(4)] for s in range(2)]
+  planes = jnp.stack([_overlap_add(rows[s][t], rows[s][t + 2], 2)
+                      for s in range(2) for t in range(2)])
+  return _interleave(planes.reshape(2, 2, n, th + 1, tw + 1, c))
+
+
+def _winograd_output(m: jax.Array, n: int, th: int, tw: int) -> jax.Array:
+  """Aᵀ M A of every tile: (16, N·th·tw, cout) → the output (N, 2·th, 2·tw, cout)."""
+  cout = m.shape[-1]
+  planes = _bilinear(_AT, _AT, _grid(m.reshape(4, 4, n, th, tw, cout), 4, 4))
+  return _interleave(planes.reshape(2, 2, n, th, tw, cout))
+
+
+def _winograd_output_transpose(dy: jax.Array) -> jax.Array:
+  """The transpose of :func:`_winograd_output`: (N, 2·th, 2·tw, cout) → (16, N·th·tw, cout)."""
+  n, h, w, cout = dy.shape
+  pairs = dy.reshape(n, h // 2, 2, w // 2, 2, cout)
+  planes = [[pairs[:, :, p, :, q] for q in range(2)] for p in range(2)]
+  return _bilinear(_transposed(_AT), _transposed(_AT), planes).reshape(16, -1, cout)
+
+
+def _winograd_forward(x: jax.Array, kernel: jax.Array):
+  n, h, w, _ = x.shape
+  v = _winograd_input(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
+  u = _bilinear(_G, _G, _grid(kernel, 3, 3))                         # G g Gᵀ: (16, cin, cout)
+  y = _winograd_output(jnp.einsum("trc,tcd->trd", v, u), n, h // 2, w // 2)
+  return y, (v, u)
+
+
+def _winograd_backward(residuals, dy: jax.Array):
+  """dM = the output transform's transpose of dy, dV = dM Uᵀ, dU = Vᵀ dM, then the transposed
+  input and kernel transforms."""
+  v, u = residuals
+  n, h, w, _ = dy.shape
+  dm = _winograd_output_transpose(dy)
+  dv = jnp.einsum("trd,tcd->trc", dm, u)
+  du = jnp.einsum("trc,trd->tcd", v, dm).reshape((4, 4) + u.shape[1:])
+  dkernel = _bilinear(_transposed(_G), _transposed(_G), _grid(du, 4, 4))
+  return (_winograd_input_transpose(dv, n, h // 2, w // 2)[:, 1:-1, 1:-1],
+          dkernel.reshape((3, 3) + u.shape[1:]))
+
+
+@jax.custom_vjp
+def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 3×3 stride-1 NHWC convolution padded by one pixel (even H and W, see
+  :func:`winograd_applies`) by Winograd's F(2×2, 3×3); the same function as ``im2col_conv``.
+  The custom VJP writes each transposed transform as one stack of slices; the same transforms left
+  to autodiff (separate padded copies per slice) measured 1.3× slower per layer."""
+  return _winograd_forward(x, kernel)[0]
+
+
+winograd_conv.defvjp(_winograd_forward, _winograd_backward)
+
+
 class Conv(nn.Module):
   """``nn.Conv`` for NHWC inputs with a selectable lowering (see the module docstring).
 
@@ -105,7 +252,10 @@ class Conv(nn.Module):
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     kernel = self.param("kernel", self.kernel_init, kernel_size + (x.shape[-1], self.features))
     padding = explicit_padding(self.padding, kernel_size, strides, x.shape[1:3])
-    if resolve_lowering(self.lowering) == "im2col":
+    lowering = layer_lowering(self.lowering, x.shape, kernel.shape, strides, padding)
+    if lowering == "winograd":
+      y = winograd_conv(x, kernel)
+    elif lowering == "im2col":
       y = im2col_conv(x, kernel, strides, padding)
     else:
       y = jax.lax.conv_general_dilated(x, kernel, strides, padding,

@@ -100,7 +100,7 @@ class PreActResNet18(nn.Module):
     num_classes: number of output logits C.
     width: channels of the stem and of stage 1; stages use width × (1, 2, 4, 8). With width 64
       and 3-channel input there are 11,171,146 trainable parameters for C = 10.
-    conv: the convolution lowering, "auto" | "lax" | "im2col" (:mod:`d3jax.models.conv`).
+    conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
   """
 
   num_classes: int

@@ -26,7 +26,7 @@ class SmallCNN(nn.Module):
   Attributes:
     num_classes: number of output logits C.
     width: channels of the first stage; the second stage has 2·width.
-    conv: the convolution lowering, "auto" | "lax" | "im2col" (:mod:`d3jax.models.conv`).
+    conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
   """
 
   num_classes: int

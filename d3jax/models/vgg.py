@@ -60,7 +60,7 @@ class VGG(nn.Module):
     width: channels of the first conv; the others scale with it (64 = torchvision).
     small_input: pool the features to 1×1 instead of 7×7 (see the module docstring).
     hidden: classifier hidden size; None ⇒ 4096, or 512 when ``small_input``.
-    conv: the convolution lowering, "auto" | "lax" | "im2col" (:mod:`d3jax.models.conv`).
+    conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
   """
 
   num_classes: int
