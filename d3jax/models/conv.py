@@ -119,9 +119,11 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
 # Winograd F(2×2, 3×3), Lavin & Gray (CVPR 2016), Sec. 4: for a 4×4 input tile d and a 3×3 kernel g,
 # the 2×2 output tile is Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A. Tiles overlap by two pixels, so viewing the
 # padded input as pairs of rows and pairs of columns, (N, th + 1, 2, tw + 1, 2, C), makes each of
-# the 16 tile entries a plain slice. Every transform below is written as one stack of ±sums of such
-# slices (XLA:CPU then builds each in a single pass), and the element-wise product summed over input
-# channels is one matrix product per entry of the 4×4 transformed tile.
+# the 16 tile entries a plain slice. Each transformed entry ("plane") is a ±sum of such slices, and
+# the element-wise product summed over input channels is one matrix product per plane. The 16
+# planes stay separate arrays: on XLA:CPU each is then built in one pass and fed to its own product,
+# where stacking them into one batched product copies every plane once more and runs the kernel
+# gradient's batched product on a slow path (measured 1.2–1.4× slower per layer).
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 _AT = ((1, 1, 1, 0), (0, 1, -1, -1))
@@ -131,26 +133,28 @@ def _transposed(matrix: tuple[tuple[float, ...], ...]) -> tuple[tuple[float, ...
   return tuple(zip(*matrix))
 
 
-def _bilinear(left, right, planes: list[list[jax.Array]]) -> jax.Array:
-  """Stack over (a, b) of Σ_ij left[a][i]·right[b][j]·planes[i][j], zero terms skipped:
-  the 2-D transform L·P·Rᵀ applied to a grid of equally shaped arrays."""
+def _bilinear(left, right, planes: list[list[jax.Array]]) -> list[jax.Array]:
+  """The 2-D transform L·P·Rᵀ of a grid of equally shaped arrays: Σ_ij left[a][i]·right[b][j]·
+  planes[i][j] for every (a, b), row-major, zero terms skipped."""
   out = []
   for row in left:
     for col in right:
       terms = [planes[i][j] if l * r == 1 else l * r * planes[i][j]
                for i, l in enumerate(row) for j, r in enumerate(col) if l and r]
       out.append(functools.reduce(jnp.add, terms))
-  return jnp.stack(out)
+  return out
 
 
-def _grid(array: jax.Array, rows: int, cols: int) -> list[list[jax.Array]]:
-  return [[array[i, j] for j in range(cols)] for i in range(rows)]
+def _rows(planes: list[jax.Array], cols: int) -> list[list[jax.Array]]:
+  return [planes[i:i + cols] for i in range(0, len(planes), cols)]
 
 
-def _interleave(planes: jax.Array) -> jax.Array:
-  """(2, 2, N, h, w, C) → (N, 2h, 2w, C), plane (p, q) on rows ≡ p and columns ≡ q (mod 2)."""
-  _, _, n, h, w, c = planes.shape
-  return planes.transpose(2, 3, 0, 4, 1, 5).reshape(n, 2 * h, 2 * w, c)
+def _interleave(planes: list[jax.Array]) -> jax.Array:
+  """Four (N, h, w, C) planes (p, q) row-major → (N, 2h, 2w, C), plane (p, q) on the rows ≡ p and
+  columns ≡ q (mod 2)."""
+  n, h, w, c = planes[0].shape
+  return jnp.stack(planes).reshape(2, 2, n, h, w, c).transpose(2, 3, 0, 4, 1, 5).reshape(
+      n, 2 * h, 2 * w, c)
 
 
 def _overlap_add(first: jax.Array, second: jax.Array, axis: int) -> jax.Array:
@@ -161,69 +165,48 @@ def _overlap_add(first: jax.Array, second: jax.Array, axis: int) -> jax.Array:
                           cut(second, size - 1, size)], axis=axis)
 
 
-def _winograd_input(xp: jax.Array) -> jax.Array:
-  """Bᵀ d B of every 4×4 tile of the padded input (N, 2·th + 2, 2·tw + 2, C) → (16, N·th·tw, C)."""
-  n, hp, wp, c = xp.shape
-  th, tw = hp // 2 - 1, wp // 2 - 1
-  pairs = xp.reshape(n, th + 1, 2, tw + 1, 2, c)
-  tile = [[pairs[:, i // 2:i // 2 + th, i % 2, j // 2:j // 2 + tw, j % 2] for j in range(4)]
+def _tile_planes(pairs: jax.Array, th: int, tw: int) -> list[list[jax.Array]]:
+  """The 4×4 entries of every tile, each (N, th, tw, C), from the pair view (N, th + 1, 2, tw + 1,
+  2, C) of the padded input."""
+  return [[pairs[:, i // 2:i // 2 + th, i % 2, j // 2:j // 2 + tw, j % 2] for j in range(4)]
           for i in range(4)]
-  return _bilinear(_BT, _BT, tile).reshape(16, n * th * tw, c)
-
-
-def _winograd_input_transpose(dv: jax.Array, n: int, th: int, tw: int) -> jax.Array:
-  """The transpose of :func:`_winograd_input`: B dV Bᵀ per tile, overlapping tiles summed."""
-  c = dv.shape[-1]
-  tile = _bilinear(_transposed(_BT), _transposed(_BT),
-                   _grid(dv.reshape(4, 4, n, th, tw, c), 4, 4)).reshape(4, 4, n, th, tw, c)
-  rows = [[_overlap_add(tile[s, j], tile[s + 2, j], 1) for j in range(4)] for s in range(2)]
-  planes = jnp.stack([_overlap_add(rows[s][t], rows[s][t + 2], 2)
-                      for s in range(2) for t in range(2)])
-  return _interleave(planes.reshape(2, 2, n, th + 1, tw + 1, c))
-
-
-def _winograd_output(m: jax.Array, n: int, th: int, tw: int) -> jax.Array:
-  """Aᵀ M A of every tile: (16, N·th·tw, cout) → the output (N, 2·th, 2·tw, cout)."""
-  cout = m.shape[-1]
-  planes = _bilinear(_AT, _AT, _grid(m.reshape(4, 4, n, th, tw, cout), 4, 4))
-  return _interleave(planes.reshape(2, 2, n, th, tw, cout))
-
-
-def _winograd_output_transpose(dy: jax.Array) -> jax.Array:
-  """The transpose of :func:`_winograd_output`: (N, 2·th, 2·tw, cout) → (16, N·th·tw, cout)."""
-  n, h, w, cout = dy.shape
-  pairs = dy.reshape(n, h // 2, 2, w // 2, 2, cout)
-  planes = [[pairs[:, :, p, :, q] for q in range(2)] for p in range(2)]
-  return _bilinear(_transposed(_AT), _transposed(_AT), planes).reshape(16, -1, cout)
 
 
 def _winograd_forward(x: jax.Array, kernel: jax.Array):
-  n, h, w, _ = x.shape
-  v = _winograd_input(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
-  u = _bilinear(_G, _G, _grid(kernel, 3, 3))                         # G g Gᵀ: (16, cin, cout)
-  y = _winograd_output(jnp.einsum("trc,tcd->trd", v, u), n, h // 2, w // 2)
-  return y, (v, u)
+  n, h, w, cin = x.shape
+  th, tw = h // 2, w // 2
+  pairs = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, th + 1, 2, tw + 1, 2, cin)
+  v = [plane.reshape(-1, cin) for plane in _bilinear(_BT, _BT, _tile_planes(pairs, th, tw))]
+  u = jnp.stack(_bilinear(_G, _G, _rows(list(kernel.reshape((9,) + kernel.shape[2:])), 3)))
+  m = [(v[t] @ u[t]).reshape(n, th, tw, -1) for t in range(16)]
+  return _interleave(_bilinear(_AT, _AT, _rows(m, 4))), (v, u)
 
 
 def _winograd_backward(residuals, dy: jax.Array):
-  """dM = the output transform's transpose of dy, dV = dM Uᵀ, dU = Vᵀ dM, then the transposed
-  input and kernel transforms."""
+  """dM = Aᵀ's transpose applied to dy, dV = dM Uᵀ and dU = Vᵀ dM per plane, then the transposed
+  kernel transform and the transposed input transform, whose overlapping tiles are summed."""
   v, u = residuals
-  n, h, w, _ = dy.shape
-  dm = _winograd_output_transpose(dy)
-  dv = jnp.einsum("trd,tcd->trc", dm, u)
-  du = jnp.einsum("trc,trd->tcd", v, dm).reshape((4, 4) + u.shape[1:])
-  dkernel = _bilinear(_transposed(_G), _transposed(_G), _grid(du, 4, 4))
-  return (_winograd_input_transpose(dv, n, h // 2, w // 2)[:, 1:-1, 1:-1],
-          dkernel.reshape((3, 3) + u.shape[1:]))
+  n, h, w, cout = dy.shape
+  th, tw, cin = h // 2, w // 2, u.shape[1]
+  pairs = dy.reshape(n, th, 2, tw, 2, cout)
+  dy_planes = [[pairs[:, :, p, :, q] for q in range(2)] for p in range(2)]
+  dm = [plane.reshape(-1, cout) for plane in _bilinear(_transposed(_AT), _transposed(_AT), dy_planes)]
+  du = [v[t].T @ dm[t] for t in range(16)]
+  dkernel = jnp.stack(_bilinear(_transposed(_G), _transposed(_G), _rows(du, 4)))
+  dv = [(dm[t] @ u[t].T).reshape(n, th, tw, cin) for t in range(16)]
+  tile = _rows(_bilinear(_transposed(_BT), _transposed(_BT), _rows(dv, 4)), 4)
+  rows = [[_overlap_add(tile[s][j], tile[s + 2][j], 1) for j in range(4)] for s in range(2)]
+  dxp = _interleave([_overlap_add(rows[s][t], rows[s][t + 2], 2) for s in range(2) for t in range(2)])
+  return dxp[:, 1:-1, 1:-1], dkernel.reshape((3, 3, cin, cout))
 
 
 @jax.custom_vjp
 def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """A 3×3 stride-1 NHWC convolution padded by one pixel (even H and W, see
   :func:`winograd_applies`) by Winograd's F(2×2, 3×3); the same function as ``im2col_conv``.
-  The custom VJP writes each transposed transform as one stack of slices; the same transforms left
-  to autodiff (separate padded copies per slice) measured 1.3× slower per layer."""
+  The custom VJP writes each transposed transform as ±sums of slices too; left to autodiff, the
+  slices' transposes become separate padded copies (measured 1.3× slower per layer,
+  benchmarks/RESULTS.md)."""
   return _winograd_forward(x, kernel)[0]
 
 
