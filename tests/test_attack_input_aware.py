@@ -137,7 +137,7 @@ def test_resume_matches_and_does_not_pretrain_masks_again(tiny_set, rbg_key, tmp
     ({"lambda_div": -1.0}, r"^input_aware lambda_div must be ≥ 0, got -1\.0\.$"),
     ({"mask_density": 2.0}, r"^input_aware mask_density must be in \[0, 1\], got 2\.0\.$"),
     ({"gamma": 0.0}, r"^input_aware gamma must be in \(0, 1\], got 0\.0\.$"),
-    ({"conv": "fft"}, r"^input_aware conv must be one of auto, lax, im2col, got 'fft'\.$"),
+    ({"conv": "fft"}, r"^input_aware conv must be one of auto, lax, im2col, winograd, got 'fft'\.$"),
     ({"mask_milestones": "10,x"}, r"^input_aware mask_milestones must be comma-separated epochs ≥ 1, got '10,x'\.$"),
 ])
 def test_config_errors(options, message):

@@ -11,6 +11,7 @@ import pytest
 from d3jax import defenses
 from d3jax.defenses import nc
 from d3jax.optim.masks import lower_bounds
+from conftest import calibrated_on_amd
 
 pytestmark = pytest.mark.slow
 SHORT = {"batch_size": 16, "crop_padding": 1}
@@ -25,7 +26,8 @@ def _defend(backdoor, name, **settings):
 
 
 @pytest.mark.parametrize("name, settings, max_asr, min_acc", [
-    ("ft-sam", {"epochs": 5, "learning_rate": 0.02, "cosine_t_max": 50}, 0.2, 0.7),
+    pytest.param("ft-sam", {"epochs": 5, "learning_rate": 0.02, "cosine_t_max": 50}, 0.2, 0.7,
+                 marks=calibrated_on_amd),
     ("fst", {"epochs": 5, "learning_rate": 0.02}, 0.2, 0.4),
     ("super-ft", {"epochs": 4, "lr_max1": 0.6, "switch_epoch": 3}, 0.7, 0.7),
 ])
@@ -36,6 +38,7 @@ def test_defense_lowers_badnets_asr(backdoor, name, settings, max_asr, min_acc):
   assert len(log["losses"]) == settings["epochs"] and np.all(np.isfinite(log["losses"]))
 
 
+@calibrated_on_amd
 def test_nft_only_masks_train_and_fold_into_bn_scales(backdoor):
   """NFT lowers the ASR; every parameter but the BN scales is bit-identical; each scale is
   γ₀⊙m with m in [μ(l), 1]; the variables load in the plain model."""
@@ -66,6 +69,7 @@ def test_fp_prunes_then_fine_tunes(backdoor):
   assert (np.abs(kernel).sum(axis=1) == 0).sum() == log["pruned"]
 
 
+@calibrated_on_amd
 def test_nc_flags_the_target_and_unlearns(backdoor):
   """NC flags the BadNets target (label 0) and no other, and unlearning lowers the ASR."""
   _, log, before, after = _defend(backdoor, "nc", nc_epochs=20, epochs=5, learning_rate=0.02)
@@ -89,6 +93,7 @@ def test_nc_returns_an_unflagged_model_unchanged(backdoor, monkeypatch, caplog):
   assert defended is variables and "returned unchanged" in caplog.text
 
 
+@calibrated_on_amd
 def test_ibau_unlearns_in_eval_mode(backdoor):
   """i-BAU lowers the ASR; BN running statistics are untouched (eval mode throughout)."""
   defended, log, before, after = _defend(backdoor, "i-bau", epochs=5, patch_fraction=0.5,
@@ -98,6 +103,7 @@ def test_ibau_unlearns_in_eval_mode(backdoor):
   assert len(log["losses"]) == 5
 
 
+@calibrated_on_amd
 def test_anp_prunes_bn_channels_by_the_held_out_rule(backdoor):
   """ANP lowers the ASR by returning the original model with some BN scales zeroed (shifts and
   all other parameters untouched), chosen by its held-out rule. On this 48-channel CNN the

@@ -56,7 +56,8 @@ print(json.dumps({
 @pytest.mark.slow
 def test_grid_is_split_over_four_devices_and_matches_runs_alone():
   """With 4 host devices the grid's stacked arrays hold 2 of 8 runs per device before and after
-  training, and a 6-run sweep (padded to 8) equals the same configs run one by one (to 1e-5)."""
+  training, and a 6-run sweep (padded to 8) equals the same configs run one by one (to 2e-3:
+  rounding grows over the steps)."""
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
          "JAX_PLATFORMS": "cpu"}
   done = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
@@ -68,4 +69,7 @@ def test_grid_is_split_over_four_devices_and_matches_runs_alone():
   assert [shape[0] for shape in result["shard_shapes"]] == [2]
   assert result["trained_shard_rows"] == [2]
   assert result["runs"] == 6
-  assert result["max_error"] < 1e-5
+  # Batched (grid) and unbatched (alone) products round differently, and 6 D3 steps with λ up to 20
+  # amplify it: < 1e-5 measured on an AMD EPYC, 5.7e-4 on an Intel Xeon. A mix-up of runs or
+  # hyperparameters moves the weights by orders of magnitude more.
+  assert result["max_error"] < 2e-3

@@ -1,7 +1,7 @@
 """A 2-D convolution with a selectable lowering, a drop-in for ``flax.linen.Conv``.
 
 Same parameters as ``nn.Conv`` (``kernel`` of shape (kh, kw, cin, cout), optional ``bias``), so
-checkpoints, parameter paths and layer selection are unchanged. Two lowerings compute the same
+checkpoints, parameter paths and layer selection are unchanged. Three lowerings compute the same
 function:
 
 * ``"lax"``: ``lax.conv_general_dilated`` — XLA's own convolution (cuDNN on GPU, native on TPU).
@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 
 LOWERINGS = ("auto", "lax", "im2col", "winograd")
-# "auto" uses Winograd on CPU from this many input channels: measured faster per layer at 128–256
-# channels and no slower at 64 (PreAct-ResNet18 D3 step, benchmarks/RESULTS.md).
+# "auto" uses Winograd on CPU from this many input channels. One layer's forward and backward ran
+# 1.5× (64 channels, 32×32), 1.8× (128, 16×16) and 1.8× (256, 8×8) faster than im2col, batch 128;
+# fewer channels are unmeasured and keep im2col (benchmarks/RESULTS.md).
 WINOGRAD_MIN_CHANNELS = 64
 Padding = str | Sequence[tuple[int, int]]
 
