@@ -199,8 +199,9 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
         row[f"{conv}_img_s"] = 128 / medians[f"d3jax-{conv}"]
         row[f"{conv}_ratio"] = medians["torch"] / medians[f"d3jax-{conv}"]
         row[f"{conv}_compile_s"] = compile_s[conv]
-      for conv in scanned:
+      if scanned:
         row["scan_steps"] = scan_steps
+      for conv in scanned:
         row[f"scan_{conv}_img_s"] = 128 * scan_steps / medians[f"d3jax-scan-{conv}"]
         row[f"scan_{conv}_ratio"] = row[f"scan_{conv}_img_s"] / row["torch_img_s"]
         row[f"scan_{conv}_compile_s"] = compile_s[f"scan_{conv}"]
