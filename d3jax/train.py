@@ -38,7 +38,7 @@ import optax
 from tqdm import tqdm
 
 from d3jax.data.augment import augment, normalize
-from d3jax.optim.d3 import masked_mean
+from d3jax.reductions import masked_mean
 
 PyTree = Any
 Hyperparams = Mapping[str, Any]

@@ -34,7 +34,7 @@ from d3jax.attacks.training import AttackTrainConfig, BatchPoisonTraining
 from d3jax.attacks.triggers import ImageShape, _check_batch, _image_shape
 from d3jax.data.augment import augment, normalize
 from d3jax.models.conv import LOWERINGS, Conv, max_pool_2x2
-from d3jax.optim.d3 import masked_mean
+from d3jax.reductions import masked_mean
 from d3jax.train import (Batch, Hyperparams, Normalization, Program, PyTree, TrainState,
                          batch_plan, cross_entropy, join_variables, split_variables)
 

@@ -23,8 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from d3jax.optim.d3 import masked_mean
 from d3jax.optim.sam import adaptive_sam
+from d3jax.reductions import masked_mean
 from d3jax.sharpness import SAMProgram
 from d3jax.train import Hyperparams, SGDConfig, sgd_with_weight_decay
 

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 import optax
 
 from d3jax.data.augment import augment, normalize
-from d3jax.optim.d3 import masked_mean
 from d3jax.optim.hypergrad import hypergradient
+from d3jax.reductions import masked_mean
 from d3jax.defenses.checks import check_fields
 from d3jax.train import (_PLAN_STREAM, _STEP_STREAM, Hyperparams, Program, TrainState, batch_plan,
                          cross_entropy, join_variables)

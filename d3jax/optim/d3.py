@@ -24,6 +24,7 @@ from optax._src import base
 
 from d3jax.optim.norms import check_norm, norm_gradient, tensor_norm
 from d3jax.optim.selection import Selection, param_paths, select_mask
+from d3jax.reductions import masked_mean
 
 PyTree = Any
 ScalarOrArray = float | jax.Array
@@ -38,12 +39,6 @@ def clean_hinge(per_sample_loss: jax.Array, eps: ScalarOrArray, mask: jax.Array 
   if mask is None:
     return jnp.mean(hinge)
   return masked_mean(hinge, mask)
-
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of ``values`` where ``mask`` is True; masked entries (even NaN or inf) are ignored."""
-  total = jnp.sum(jnp.where(mask, values, 0.0))
-  return total / jnp.maximum(jnp.sum(mask.astype(values.dtype)), 1.0)
 
 
 def loss_scale(lmd: ScalarOrArray) -> jax.Array:
