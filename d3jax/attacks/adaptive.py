@@ -4,13 +4,14 @@ defenses struggle to leave. Any data-poisoning attack can be trained this way.""
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from d3jax.attacks.data_poisoning import POISONING, build
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.attacks.triggers import ImageShape, Trigger
 from d3jax.optim.sam import adaptive_sam
@@ -56,16 +57,23 @@ class AdaptiveConfig:
   trains_on: ClassVar[str] = "poisoned"
 
   @property
+  def base_attack(self) -> Any:
+    """The base attack's config, with its defaults."""
+    if self.base.lower() not in POISONING:
+      raise ValueError(
+          f"the adaptive attack trains a data-poisoning attack with SAM; base {self.base!r} is not "
+          f"one, pick a data-poisoning base attack: {', '.join(POISONING)}.")
+    return build(POISONING, self.base, {})
+
+  @property
   def label_modes(self) -> tuple[str, ...]:
     """The base attack's label modes (its default first)."""
-    from d3jax.attacks.registry import get  # pylint: disable=import-outside-toplevel
-    return get(self.base).label_modes
+    return self.base_attack.label_modes
 
   @property
   def crafts_on(self) -> str:
     """What the base attack's trigger needs."""
-    from d3jax.attacks.registry import get  # pylint: disable=import-outside-toplevel
-    return get(self.base).crafts_on
+    return self.base_attack.crafts_on
 
   def __post_init__(self) -> None:
     if not self.rho > 0:
@@ -74,13 +82,7 @@ class AdaptiveConfig:
   def trigger(self, image_shape: ImageShape, *, clean=None, target: int = 0,
               key: jax.Array | None = None) -> Trigger:
     """The base attack's trigger."""
-    from d3jax.attacks.registry import get  # pylint: disable=import-outside-toplevel
-    base = get(self.base)
-    if base.kind != "poison":
-      raise ValueError(
-          f"the adaptive attack trains a data-poisoning attack with SAM; {self.base!r} controls its "
-          "own training, pick a data-poisoning base attack.")
-    return base.trigger(image_shape, clean=clean, target=target, key=key)
+    return self.base_attack.trigger(image_shape, clean=clean, target=target, key=key)
 
   def recipe(self, training: AttackTrainConfig) -> SAMTraining:
     """``training`` with ASAM at this config's ``rho``."""
