@@ -3,8 +3,6 @@
 Keys use the ``rbg`` PRNG implementation: it compiles much faster than threefry on XLA:CPU,
 and the library must accept any typed key anyway.
 """
-import pathlib
-
 import jax
 import numpy as np
 import pytest
@@ -14,27 +12,6 @@ from d3jax.attacks import BadNets, poison_dataset
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
 from d3jax.data import draw_reserved, subset
 from d3jax.models import get_model
-
-
-def cpu_vendor() -> str:
-  """The ``vendor_id`` of /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"), or "" where unknown."""
-  try:
-    text = pathlib.Path("/proc/cpuinfo").read_text()
-  except OSError:
-    return ""
-  return next((line.split(":", 1)[1].strip() for line in text.splitlines()
-               if line.startswith("vendor_id")), "")
-
-
-# A few defense runs on the tiny BadNets fixture end on one side of their threshold or the other
-# depending on the CPU's floating-point rounding (the fixture model and the defense trajectories
-# differ in their last bits from the first step on). Their settings were chosen on an AMD EPYC
-# (family 25, model 17), where they pass; on an Intel Xeon (family 6, model 167) the same code
-# fails them (also at commits before the Winograd lowering). Until the fixture is made robust
-# (larger fixture, several seeds), they run only on AMD CPUs.
-calibrated_on_amd = pytest.mark.skipif(
-    cpu_vendor() != "AuthenticAMD",
-    reason="defense outcome on the tiny fixture calibrated on AMD EPYC; differs with CPU rounding")
 
 
 @pytest.fixture(scope="session")

@@ -131,8 +131,13 @@ def test_input_aware_run_stores_its_generators(tmp_path, monkeypatch):
   keep = dataset.y_test != 0
   np.testing.assert_array_equal(bd.y_orig, dataset.y_test[keep])
   assert (bd.y == 0).all() and not np.array_equal(bd.x, dataset.x_test[keep])
+  # The stored set was generated batch by batch inside the run; regenerating it in one call may
+  # reassociate the generator's float sums, which moves a pixel sitting on a rounding boundary by
+  # one grey level (2 of 83,968 pixels on an AMD EPYC, family 23 model 1). Any real mismatch (wrong generator,
+  # wrong normalisation) changes most pixels by far more.
   trigger = runs.load_trigger(loaded)
-  np.testing.assert_array_equal(np.asarray(trigger(dataset.x_test[keep])), bd.x)
+  difference = np.abs(np.asarray(trigger(dataset.x_test[keep]), np.int16) - bd.x.astype(np.int16))
+  assert difference.max() <= 1 and np.mean(difference > 0) < 1e-3, (difference.max(), np.mean(difference > 0))
   defended = tmp_path / "defended"
   assert cli.main(["defend", "--attack-run", str(out), "--out", str(defended), "ft", "--epochs", "1",
                    "--batch-size", "32", "--reserved.ratio", "0.1", "--quiet"]) == 0
