@@ -110,7 +110,7 @@ class DefendCommand:
   auto: bool = False
   """choose the swept hyperparameters first, with the reserved held-out split only (no test data):
   train every --auto-grid point, keep the one that moved farthest from the model among those
-  within --auto-budget of the best held-out accuracy (d3jax.defenses.auto)"""
+  within --auto-budget of the best held-out accuracy (d3jax.auto)"""
   auto_grid: tuple[str, ...] = ("lmd=1,10,20,30,40", "eps=0,0.1,0.2,0.3,0.4,0.5")
   """the grid --auto chooses from, as name=v1,v2,... entries (default: the paper's Tables 6–7)"""
   auto_budget: float = 0.02
@@ -407,10 +407,10 @@ def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool)
                      "--reserved.holdout > 0.")
   backdoored = source.backdoored
   (images, labels), heldout = command.reserved.draw(backdoored.dataset)
-  _, log = defenses.auto(defense_name(command.defense), backdoored.model, backdoored.variables,
-                         images, labels, *heldout, normalization=backdoored.normalization,
-                         key=defense_key(command.reserved), grid=parse_grid(command.auto_grid),
-                         config=command.defense, budget=command.auto_budget, progress=progress)
+  _, log = d3jax.auto(defense_name(command.defense), backdoored.model, backdoored.variables,
+                      images, labels, *heldout, normalization=backdoored.normalization,
+                      key=defense_key(command.reserved), grid=parse_grid(command.auto_grid),
+                      config=command.defense, budget=command.auto_budget, progress=progress)
   swept = list(log["grid"])
   print(format_grid_table(log["candidates"], swept, ("heldout_acc", "distance")))
   chosen = log["candidates"][log["chosen"]]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from d3jax import checkpoint
 from d3jax.analysis.grid import format_grid_table, heatmap, write_csv
-from d3jax.defenses.auto import heldout_accuracy, weight_distance
+from d3jax.auto_choice import heldout_accuracy, weight_distance
 from d3jax.metrics import der
 from d3jax.pipeline import Backdoored, ReservedSplit, check_reserved_shape
 from d3jax.runs import LoadedRun, RunWriter

@@ -1,4 +1,4 @@
-"""How well the test-free rule (d3jax.defenses.auto) chooses D3's λ and ε.
+"""How well the test-free rule (d3jax.auto) chooses D3's λ and ε.
 
 For every attack, dataset and seed: train the backdoored model (the demo's recipe), draw the
 reserved set (5%) with a held-out part, train the whole λ × ε grid of the paper's Tables 6–7 as
@@ -31,7 +31,7 @@ import numpy as np
 
 from d3jax import demo, pipeline, runs
 from d3jax.defenses import D3Config
-from d3jax.defenses.auto import choose
+from d3jax.auto_choice import choose
 from d3jax.sweep import parse_grid, sweep
 from d3jax.sweep_runs import defense_key, measure_runs
 

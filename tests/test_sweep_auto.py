@@ -1,4 +1,4 @@
-"""The test-free choice of hyperparameters (d3jax.defenses.auto): the rule, and that it never
+"""The test-free choice of hyperparameters (d3jax.auto): the rule, and that it never
 reads test data, the trigger or the target label (checked by API)."""
 import dataclasses
 import importlib
@@ -11,7 +11,7 @@ import pytest
 import d3jax
 from d3jax import train
 from d3jax.defenses import D3Config, defend
-from d3jax.defenses.auto import choose
+from d3jax.auto_choice import choose
 
 NORM = train.Normalization((0.5,), (0.5,))
 FORBIDDEN = ("test", "trigger", "target", "backdoor", "poison", "asr")
@@ -32,7 +32,7 @@ def test_choose_takes_the_farthest_candidate_within_budget_of_the_best():
 
 def test_auto_takes_no_test_data_trigger_or_target():
   """By signature: nothing a defender does not have can be passed in."""
-  for parameter in inspect.signature(d3jax.defenses.auto).parameters:
+  for parameter in inspect.signature(d3jax.auto).parameters:
     assert not any(word in parameter.lower() for word in FORBIDDEN), parameter
 
 
@@ -49,10 +49,10 @@ def test_auto_never_calls_evaluation_and_returns_the_chosen_run(model, variables
     monkeypatch.setattr(importlib.import_module(module), name, forbidden)
   x, y = tiny_set
   config = D3Config(epochs=1, batch_size=16, crop_padding=0)
-  chosen, log = d3jax.defenses.auto("d3", model, variables, x[:30], y[:30], x[30:], y[30:],
-                                    normalization=NORM, key=rbg_key,
-                                    grid={"lmd": [0.5, 10.0], "eps": [0.0, 0.3]}, config=config,
-                                    budget=0.1, progress=False)
+  chosen, log = d3jax.auto("d3", model, variables, x[:30], y[:30], x[30:], y[30:],
+                           normalization=NORM, key=rbg_key,
+                           grid={"lmd": [0.5, 10.0], "eps": [0.0, 0.3]}, config=config,
+                           budget=0.1, progress=False)
   candidates = log["candidates"]
   assert [(c["lmd"], c["eps"]) for c in candidates] == [(0.5, 0.0), (0.5, 0.3), (10.0, 0.0),
                                                         (10.0, 0.3)]
@@ -69,4 +69,4 @@ def test_auto_never_calls_evaluation_and_returns_the_chosen_run(model, variables
 def test_auto_needs_a_grid_for_defenses_other_than_d3(model, variables, tiny_set, rbg_key):
   x, y = tiny_set
   with pytest.raises(ValueError, match="auto needs a grid"):
-    d3jax.defenses.auto("ft", model, variables, x, y, x, y, normalization=NORM, key=rbg_key)
+    d3jax.auto("ft", model, variables, x, y, x, y, normalization=NORM, key=rbg_key)

@@ -128,8 +128,6 @@ def defend(name: str, model: nn.Module, variables: Any, images: np.ndarray, labe
   return variables, log
 
 
-from d3jax.defenses.auto import auto  # noqa: E402  (auto uses the helpers above)
-
 __all__ = ["ANPConfig", "D3Config", "FPConfig", "FSTConfig", "FTConfig", "FTSAMConfig", "IBAUConfig",
-           "NADConfig", "NCConfig", "NFTConfig", "REGISTRY", "SAUConfig", "SuperFTConfig", "auto", "check_reserved", "defend",
+           "NADConfig", "NCConfig", "NFTConfig", "REGISTRY", "SAUConfig", "SuperFTConfig", "check_reserved", "defend",
            "get", "names", "program", "resolve"]

@@ -1,4 +1,7 @@
-"""Choosing a defense's hyperparameters without test data: ``auto(...)``.
+"""Choosing a defense's hyperparameters without test data: ``d3jax.auto(...)``.
+
+A layer above both :mod:`d3jax.sweep` and :mod:`d3jax.defenses`: it runs a grid with the first
+and resolves configs with the second.
 
 The D3 paper names the choice of λ and ε as its open problem (§5, "Limitations"; Tables 6–7 show
 that lowering ε or raising λ buys clean accuracy with attack success). A defender cannot measure
@@ -35,6 +38,7 @@ import numpy as np
 from d3jax import optim
 from d3jax.defenses import check_reserved, resolve
 from d3jax.metrics import accuracy
+from d3jax.sweep import sweep
 from d3jax.train import Normalization, predict
 
 # The ranges of the paper's Tables 6 (ε) and 7 (λ).
@@ -85,8 +89,6 @@ def auto(name: str, model: nn.Module, variables: Any, images: np.ndarray, labels
   Returns the chosen variables and a log: the candidates (hyperparameters, held-out accuracy,
   distance), the chosen index, its config, the budget and the reference accuracy.
   """
-  from d3jax.sweep import sweep  # pylint: disable=import-outside-toplevel  (sweep imports defenses)
-
   config = resolve(name, config)
   if grid is None:
     if name != "d3":
