@@ -1,6 +1,7 @@
 """NAD's and SAU's mathematics on hand examples and toy models (no long training): attention maps
 and their normalisation, the distillation term vanishing when teacher and student agree, SAU's
 shared-adversarial losses, its PGD's constraints, and the layers NAD reads."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,8 +78,11 @@ def test_nad_default_layers_are_read_once_per_forward_pass():
   resnet = get_model("preact_resnet18", 10, width=4)
   cnn = get_model("small_cnn", 10, width=4)
   assert default_layers(resnet) == ("layer3_1", "layer4_1") and default_layers(cnn) == ("bn2", "bn4")
-  with pytest.raises(ValueError, match="NAD has no default layers for VGG; set layers"):
+  with pytest.raises(ValueError, match=r"NAD has no default layers for VGG \(it declares no "
+                     r"attention_layers\); set layers"):
     default_layers(get_model("vgg11", 10, width=4, small_input=True))
+  with pytest.raises(ValueError, match="NAD has no default layers for Dense"):
+    default_layers(nn.Dense(3))  # a model without the attribute at all
   x = jnp.zeros((2, 16, 16, 3))
   variables = jax.eval_shape(lambda: resnet.init(jax.random.key(0), x))
   _, (f3, f4) = jax.eval_shape(

@@ -12,10 +12,11 @@ the attention operator A^p_sum and the NAD loss), as BackdoorBench's ``defense/n
    (+1e-6); AT is the mean squared difference of the two maps (the paper's L2 distance of the
    normalised maps, squared and averaged as in the reference), averaged over the batch.
 
-Layers: for PreAct-ResNet18 the outputs of stages 3 and 4 (``layer3_1``, ``layer4_1``) with
-β = 500 and 1000, BackdoorBench's choice for that model. For the small CNN (not in
-BackdoorBench) the outputs of the last BN of its two stages (``bn2``, ``bn4``, before the ReLU).
-Other models need ``layers``; the paper's own WRN uses the outputs of its three groups with
+Layers: by default those the model declares in its ``attention_layers`` class attribute (the
+defense asks the model, it imports no model). PreAct-ResNet18 declares the outputs of stages 3 and
+4 (``layer3_1``, ``layer4_1``), distilled with β = 500 and 1000, BackdoorBench's choice for that
+model. The small CNN (not in BackdoorBench) declares the outputs of the last BN of its two stages
+(``bn2``, ``bn4``, before the ReLU). Other models need ``layers``; the paper's own WRN uses the outputs of its three groups with
 β = 500, 1000, 1000.
 
 Deviations: BackdoorBench adds a third term, β = 1000 on the 1×1 map of the pooled features,
@@ -41,7 +42,6 @@ from d3jax.data.augment import augment, normalize
 from d3jax.defenses.checks import check_fields
 from d3jax.defenses.features import apply_recording
 from d3jax.defenses.ft import FTConfig
-from d3jax.models import PreActResNet18, SmallCNN
 from d3jax.reductions import masked_mean
 from d3jax.train import (Batch, EpochCallback, Hyperparams, Normalization, Program, Restore,
                          SGDConfig, TrainState, cross_entropy, fit, init_state, join_variables,
@@ -71,13 +71,14 @@ def attention_loss(student: Sequence[jax.Array], teacher: Sequence[jax.Array], b
 
 
 def default_layers(model: nn.Module) -> tuple[str, ...]:
-  """The distilled module paths for d3jax's convnets (see the module docstring)."""
-  if isinstance(model, PreActResNet18):
-    return ("layer3_1", "layer4_1")
-  if isinstance(model, SmallCNN):
-    return ("bn2", "bn4")
-  raise ValueError(f"NAD has no default layers for {type(model).__name__}; set layers to the "
-                   "module paths whose outputs to distil, one beta each.")
+  """The module paths the model declares for attention distillation (its ``attention_layers``
+  class attribute; see the module docstring)."""
+  layers = tuple(getattr(model, "attention_layers", ()))
+  if not layers:
+    raise ValueError(f"NAD has no default layers for {type(model).__name__} (it declares no "
+                     "attention_layers); set layers to the module paths whose outputs to distil, "
+                     "one beta each.")
+  return layers
 
 
 @flax.struct.dataclass

@@ -17,7 +17,7 @@ Deviations from the PyTorch reference (documented, deliberate):
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, ClassVar
 
 import flax.linen as nn
 import jax
@@ -101,7 +101,11 @@ class PreActResNet18(nn.Module):
     width: channels of the stem and of stage 1; stages use width × (1, 2, 4, 8). With width 64
       and 3-channel input there are 11,171,146 trainable parameters for C = 10.
     conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
+    attention_layers: the stage outputs an attention-distillation defense (NAD) reads by default:
+      stages 3 and 4, BackdoorBench's choice for this model.
   """
+
+  attention_layers: ClassVar[tuple[str, ...]] = ("layer3_1", "layer4_1")
 
   num_classes: int
   width: int = 64

@@ -6,6 +6,8 @@ gap. It is a conventional VGG-style net with the same layer conventions as PreAc
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,11 @@ class SmallCNN(nn.Module):
     num_classes: number of output logits C.
     width: channels of the first stage; the second stage has 2·width.
     conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
+    attention_layers: the stage outputs an attention-distillation defense (NAD) reads by default:
+      the last BN of each stage, before its ReLU.
   """
+
+  attention_layers: ClassVar[tuple[str, ...]] = ("bn2", "bn4")
 
   num_classes: int
   width: int = 32

@@ -17,6 +17,8 @@ being replicated to 7×7, and the hidden size defaults to 512 instead of 4096.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -61,7 +63,10 @@ class VGG(nn.Module):
     small_input: pool the features to 1×1 instead of 7×7 (see the module docstring).
     hidden: classifier hidden size; None ⇒ 4096, or 512 when ``small_input``.
     conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
+    attention_layers: none: an attention-distillation defense (NAD) needs its layers given.
   """
+
+  attention_layers: ClassVar[tuple[str, ...]] = ()
 
   num_classes: int
   depth: int = 19
