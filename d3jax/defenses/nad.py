@@ -16,8 +16,8 @@ Layers: by default those the model declares in its ``attention_layers`` class at
 defense asks the model, it imports no model). PreAct-ResNet18 declares the outputs of stages 3 and
 4 (``layer3_1``, ``layer4_1``), distilled with β = 500 and 1000, BackdoorBench's choice for that
 model. The small CNN (not in BackdoorBench) declares the outputs of the last BN of its two stages
-(``bn2``, ``bn4``, before the ReLU). Other models need ``layers``; the paper's own WRN uses the outputs of its three groups with
-β = 500, 1000, 1000.
+(``bn2``, ``bn4``, before the ReLU). Other models need ``layers``; the paper's own WRN uses the
+outputs of its three groups with β = 500, 1000, 1000.
 
 Deviations: BackdoorBench adds a third term, β = 1000 on the 1×1 map of the pooled features,
 which is ≈0 whatever the weights (a one-pixel map normalises to 1); it is left out. The sum over
