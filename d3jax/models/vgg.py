@@ -28,7 +28,7 @@ from d3jax.models import preact_resnet
 from d3jax.models.conv import Conv, max_pool_2x2
 
 # Conv channels as multiples of width (width 64 ⇒ 64, 128, 256, 512); "M" = 2×2 max pool.
-_CONFIGS: dict[int, tuple[int | str, ...]] = {
+CONFIGS: dict[int, tuple[int | str, ...]] = {
     11: (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),
     19: (1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M"),
 }
@@ -80,10 +80,10 @@ class VGG(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps normalized NHWC float images (H, W ≥ 32) to logits (N, num_classes)."""
     preact_resnet.check_images(x, 32, f"vgg{self.depth}")
-    if self.depth not in _CONFIGS:
-      raise ValueError(f"VGG depth must be one of {sorted(_CONFIGS)}, got {self.depth}.")
+    if self.depth not in CONFIGS:
+      raise ValueError(f"VGG depth must be one of {sorted(CONFIGS)}, got {self.depth}.")
     index = 0
-    for entry in _CONFIGS[self.depth]:
+    for entry in CONFIGS[self.depth]:
       if entry == "M":
         x = max_pool_2x2(x)
         continue

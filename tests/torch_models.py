@@ -1,0 +1,100 @@
+"""BackdoorBench's PyTorch classifiers, rebuilt for the interop tests (PyTorch is a test extra).
+
+``PreActResNet18`` follows BackdoorBench's ``models/preact_resnet.py`` (a stem conv with no BN
+after it, pre-activation blocks whose 1×1 shortcut is ``shortcut.0``, global average pooling,
+``linear``); ``VGG`` follows torchvision's ``vgg19_bn``/``vgg11`` (``features``, 7×7 adaptive
+pooling, ``classifier.0/3/6``). ``width`` and ``hidden`` shrink them for CPU tests (64 and 4096 are
+the published sizes); the parameter names do not depend on them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+VGG_LAYOUTS = {
+    11: (1, "M", 2, "M", 4, 4, "M", 8, 8, "M", 8, 8, "M"),
+    19: (1, 1, "M", 2, 2, "M", 4, 4, 4, 4, "M", 8, 8, 8, 8, "M", 8, 8, 8, 8, "M"),
+}
+
+
+class PreActBlock(nn.Module):
+
+  def __init__(self, in_planes: int, planes: int, stride: int):
+    super().__init__()
+    self.bn1 = nn.BatchNorm2d(in_planes)
+    self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+    if stride != 1 or in_planes != planes:
+      self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = F.relu(self.bn1(x))
+    shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+    out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+    return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+
+  def __init__(self, num_classes: int = 10, width: int = 64, in_channels: int = 3):
+    super().__init__()
+    self.conv1 = nn.Conv2d(in_channels, width, 3, 1, padding=1, bias=False)
+    in_planes = width
+    for stage, (multiple, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
+      blocks = []
+      for index in range(2):
+        blocks.append(PreActBlock(in_planes, width * multiple, stride if index == 0 else 1))
+        in_planes = width * multiple
+      setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+    self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+    self.linear = nn.Linear(in_planes, num_classes)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    out = self.conv1(x)
+    for stage in range(1, 5):
+      out = getattr(self, f"layer{stage}")(out)
+    return self.linear(torch.flatten(self.avgpool(out), 1))
+
+
+class VGG(nn.Module):
+
+  def __init__(self, depth: int = 19, batch_norm: bool = True, num_classes: int = 10,
+               width: int = 64, hidden: int = 4096, in_channels: int = 3):
+    super().__init__()
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for entry in VGG_LAYOUTS[depth]:
+      if entry == "M":
+        layers.append(nn.MaxPool2d(2, 2))
+        continue
+      layers.append(nn.Conv2d(channels, entry * width, 3, padding=1))
+      if batch_norm:
+        layers.append(nn.BatchNorm2d(entry * width))
+      layers.append(nn.ReLU(inplace=True))
+      channels = entry * width
+    self.features = nn.Sequential(*layers)
+    self.avgpool = nn.AdaptiveAvgPool2d((7, 7))
+    self.classifier = nn.Sequential(
+        nn.Linear(channels * 49, hidden), nn.ReLU(True), nn.Dropout(),
+        nn.Linear(hidden, hidden), nn.ReLU(True), nn.Dropout(), nn.Linear(hidden, num_classes))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
+  """Non-trivial BN affine parameters and running statistics, so a swapped mean/var or a missed
+  BN tensor changes the logits."""
+  generator = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, nn.BatchNorm2d):
+        size = module.num_features
+        module.weight.copy_(1 + 0.3 * torch.randn(size, generator=generator))
+        module.bias.copy_(0.2 * torch.randn(size, generator=generator))
+        module.running_mean.copy_(0.2 * torch.randn(size, generator=generator))
+        module.running_var.copy_(0.5 + torch.rand(size, generator=generator))
+        module.num_batches_tracked.fill_(123)
+  return model
