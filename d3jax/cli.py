@@ -1,7 +1,9 @@
 """The ``d3jax`` command, derived from the config dataclasses with tyro.
 
 ``d3jax attack``, ``d3jax defend <defense>``, ``d3jax eval RUN``, ``d3jax show RUN``,
-``d3jax demo``, ``d3jax sweep <defense>`` and ``d3jax analyze RUN``. Every field of the attack
+``d3jax demo``, ``d3jax sweep <defense>``, ``d3jax analyze RUN``, ``d3jax table``, and
+``d3jax import FILE`` / ``d3jax export RUN`` (BackdoorBench attack results in, PyTorch state dicts
+out). Every field of the attack
 run, its training recipe and every registered defense's config is a flag (shown with its default
 in ``--help``); a defense added to the registry becomes a ``defend`` subcommand by itself.
 ``--config FILE`` (YAML or JSON, as ``--print-config`` writes it) sets defaults that flags
@@ -27,7 +29,7 @@ import yaml
 from tqdm import tqdm
 
 import d3jax
-from d3jax import checkpoint, compile_cache, defenses, pipeline, runs
+from d3jax import attacks, checkpoint, compile_cache, defenses, imported_runs, pipeline, runs
 from d3jax import table as table_runner
 from d3jax.analysis.grid import format_grid_table
 from d3jax.analysis.run import ANALYSES, analyze, defense_labels
@@ -204,9 +206,37 @@ class TableCommand:
   session: Annotated[Session, Flat] = Session()
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportCommand:
+  """Turn a BackdoorBench attack result (attack_result.pt, its poisoned test PNGs beside it) into a
+  d3jax attack run that defend, sweep, eval and analyze accept."""
+  result: tyro.conf.Positional[str]
+  """BackdoorBench's attack_result.pt (read without executing pickled code)"""
+  dataset: str
+  """the clean data it was made from, as a d3jax dataset spec (e.g. tfds:cifar10); checked"""
+  attack: Literal[attacks.names()]  # type: ignore[valid-type]
+  """the attack's d3jax name, the run's label in tables (its trigger is the stored one)"""
+  out: str
+  """attack run directory to write"""
+  overwrite: bool = False
+  """replace an existing --out"""
+  session: Annotated[Session, Flat] = Session()
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportCommand:
+  """Write a run's model as a PyTorch state dict in BackdoorBench's parameter names."""
+  run: tyro.conf.Positional[str]
+  """attack or defense run directory"""
+  out: str
+  """file to write: .safetensors, or .pt/.pth/.bin (these need PyTorch installed)"""
+  session: Annotated[Session, Flat] = Session()
+
+
 COMMANDS = {"attack": AttackCommand, "defend": DefendCommand, "eval": EvalCommand,
             "show": ShowCommand, "demo": DemoCommand, "sweep": SweepCommand,
-            "analyze": AnalyzeCommand, "table": TableCommand}
+            "analyze": AnalyzeCommand, "table": TableCommand, "import": ImportCommand,
+            "export": ExportCommand}
 
 
 def _config_file(argv: list[str]) -> str | None:
@@ -365,6 +395,12 @@ def run_command(command: Any) -> None:
                       layer=command.layer, steps=command.steps, progress=progress)
     for path in written.values():
       print(path)
+  elif isinstance(command, ImportCommand):
+    _, row = imported_runs.import_attack_result(command.result, command.dataset, command.out,
+                                                attack=command.attack, overwrite=command.overwrite)
+    print(pipeline.format_table([row]))
+  elif isinstance(command, ExportCommand):
+    print(f"wrote {imported_runs.export_run(command.run, command.out)}")
   elif isinstance(command, EvalCommand):
     print(pipeline.format_table([runs.load(command.run).measure()]))
   elif isinstance(command, TableCommand):

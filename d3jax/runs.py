@@ -356,7 +356,8 @@ def write_defense(source: LoadedRun, name: str, config: Any, split: ReservedSpli
   (images, labels), heldout = split.draw(backdoored.dataset)
   with writer:
     before = table_row(backdoored.run.attack, "none", backdoored.baseline)
-    writer.start({**{k: source.config[k] for k in ("attack", "model", "dataset")},
+    writer.start({**{k: source.config[k] for k in ("attack", "model", "dataset", "imported")
+                     if k in source.config},
                   "kind": "defense", "defense": {"name": name, "config": dataclasses.asdict(config)},
                   "reserved": dataclasses.asdict(split),
                   "baseline": backdoored.baseline._asdict()})

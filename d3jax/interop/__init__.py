@@ -8,8 +8,10 @@
 * :func:`save_torch_state_dict` writes ``.safetensors`` (numpy only) or ``.pt`` (needs PyTorch).
 """
 from d3jax.interop.files import SUFFIXES, load_torch_checkpoint, save_torch_state_dict
-from d3jax.interop.layouts import from_torch_state_dict, to_torch_state_dict
+from d3jax.interop.layouts import (from_torch_state_dict, infer_model_options,
+                                  to_torch_state_dict)
 from d3jax.interop.torch_pickle import UnsafeCheckpointError
 
-__all__ = ["SUFFIXES", "UnsafeCheckpointError", "from_torch_state_dict", "load_torch_checkpoint",
+__all__ = ["SUFFIXES", "UnsafeCheckpointError", "from_torch_state_dict", "infer_model_options",
+           "load_torch_checkpoint",
            "save_torch_state_dict", "to_torch_state_dict"]

@@ -209,6 +209,27 @@ def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], num_cl
   return flax.traverse_util.unflatten_dict(converted)
 
 
+def infer_model_options(model_name: str, state_dict: Mapping[str, Any]) -> dict[str, int]:
+  """The size options of ``model_name`` that ``state_dict`` was built with: ``width`` from the
+  first convolution, and VGG's ``hidden`` from ``classifier.0`` (BackdoorBench's published models
+  give the defaults, 64 and 4096; smaller PyTorch builds convert too).
+
+  Raises:
+    ValueError: the state dict lacks the tensors the options are read from.
+  """
+  tensors = {_strip_prefix(name): value for name, value in state_dict.items()}
+  needed = [_first_conv_name(model_name)] + (["classifier.0.weight"]
+                                             if model_name.startswith("vgg") else [])
+  for name in needed:
+    if name not in tensors or np.ndim(tensors[name]) not in (2, 4):
+      raise ValueError(f"state dict has no {name} to read {model_name}'s size from; is it a "
+                       f"{model_name} checkpoint?")
+  options = {"width": int(np.shape(tensors[needed[0]])[0])}
+  if model_name.startswith("vgg"):
+    options["hidden"] = int(np.shape(tensors["classifier.0.weight"])[0])
+  return options
+
+
 def to_torch_state_dict(model_name: str, variables: Variables,
                         **model_options: Any) -> dict[str, np.ndarray]:
   """The PyTorch state dict (name → float32 numpy array, plus int64 ``num_batches_tracked``) of

@@ -44,8 +44,15 @@ _TORCH_DTYPES: dict[str, Any] = {
     "long": np.int64, "int32": np.int32, "int": np.int32, "int16": np.int16, "int8": np.int8,
     "uint8": np.uint8, "bool": np.bool_,
 }
+
+
+class StateDict(dict):
+  """What a pickled ``collections.OrderedDict`` becomes: a dict that also takes the attributes
+  pickle restores on it (PyTorch state dicts carry ``_metadata``, module versions)."""
+
+
 _PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): dict,
+    ("collections", "OrderedDict"): StateDict,
     ("builtins", "set"): set, ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice, ("builtins", "complex"): complex,
     ("builtins", "bytearray"): bytearray,
