@@ -48,7 +48,8 @@ def load_dataset(spec: str, *, seed: int = 0, data_dir: str | None = None) -> Da
     spec: ``"digits"``, ``"mnist5k"``, ``"npz:<path>"`` or ``"tfds:<name>[@<train>,<test>]"``.
     seed: seeds the train/test split of the embedded datasets (ignored by npz and tfds, whose
       splits are fixed).
-    data_dir: tensorflow-datasets data directory (tfds only).
+    data_dir: tensorflow-datasets data directory (tfds only; default: $TFDS_DATA_DIR as set now,
+      else tfds's own default).
 
   Raises:
     ValueError: an unknown spec.
@@ -197,10 +198,13 @@ def _tfds(body: str, data_dir: str | None) -> Dataset:
   except ImportError as err:
     raise ImportError("'tfds:' datasets need tensorflow-datasets: "
                       "pip install 'd3jax[tfds]'.") from err
+  # tfds reads TFDS_DATA_DIR once, when it is imported; read it here so that setting it later
+  # (in a notebook, a test) takes effect too.
+  data_dir = data_dir or os.environ.get("TFDS_DATA_DIR") or None
   retries = downloader.MAX_RETRIES
   downloader.MAX_RETRIES = 0  # offline, tfds would otherwise retry for minutes
   try:
-    features = [_tfds_fetch(tfds, name, split, data_dir) for split in splits]
+    fetched = [_tfds_fetch(tfds, name, split, data_dir) for split in splits]
   except Exception as err:  # noqa: BLE001 - tfds fails offline in many ways; all mean the same
     raise RuntimeError(
         f"tfds dataset {name!r} (splits {splits[0]!r}, {splits[1]!r}) is not available "
@@ -208,6 +212,7 @@ def _tfds(body: str, data_dir: str | None) -> Dataset:
         "dataset is prepared.") from err
   finally:
     downloader.MAX_RETRIES = retries
+  features = [found for found, _ in fetched]
   for split, found in zip(splits, features):
     if set(found) != {"image", "label"}:
       raise ValueError(f"tfds dataset {name!r} split {split!r} lacks 'image' or 'label' "
@@ -215,20 +220,31 @@ def _tfds(body: str, data_dir: str | None) -> Dataset:
   base = name.split("/")[0].split(":")[0]
   mean, std = NORMALIZATION.get(base, (None, None))
   train, test = features
-  return from_arrays(train["image"], train["label"], test["image"], test["label"], mean=mean,
-                     std=std, name=base)
+  return from_arrays(train["image"], train["label"], test["image"], test["label"],
+                     num_classes=fetched[0][1], mean=mean, std=std, name=base)
 
 
-def _tfds_fetch(tfds, name: str, split: str, data_dir: str | None) -> dict[str, np.ndarray]:
-  """One split's image and label arrays: prepared data first, then ``tfds.load`` if TF exists."""
+def _class_count(info) -> int | None:
+  """``num_classes`` of the dataset's ``label`` feature when it is a ``ClassLabel``, else None."""
+  label = info.features["label"] if "label" in info.features else None
+  return getattr(label, "num_classes", None)
+
+
+def _tfds_fetch(tfds, name: str, split: str, data_dir: str | None
+                ) -> tuple[dict[str, np.ndarray], int | None]:
+  """One split's image and label arrays, prepared data first, then ``tfds.load`` if TF exists,
+  and the class count of the ``label`` feature (a ``ClassLabel``'s ``num_classes``, so a split
+  that lacks the last class still gets the dataset's head size)."""
   keys = ("image", "label")
   try:
     source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
   except Exception:  # noqa: BLE001 - not prepared here; tfds.load may still download it
     if importlib.util.find_spec("tensorflow") is None:
       raise
-    data = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
-    return {k: np.asarray(data[k]) for k in keys if k in data}
+    data, info = tfds.load(name, split=split, data_dir=data_dir, batch_size=-1, with_info=True)
+    data = tfds.as_numpy(data)
+    return {k: np.asarray(data[k]) for k in keys if k in data}, _class_count(info)
   records = source.__getitems__(list(range(len(source))))
   found = [k for k in keys if records and k in records[0]]
-  return {k: np.stack([r[k] for r in records]) for k in found}
+  return ({k: np.stack([r[k] for r in records]) for k in found},
+          _class_count(source.dataset_info))
