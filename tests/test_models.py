@@ -70,7 +70,7 @@ def test_head_is_dense_named_linear(name, features):
 
 
 def test_registry_builds_the_exported_classes():
-  assert MODELS == ("small_cnn", "preact_resnet18", "vgg11", "vgg19_bn")
+  assert MODELS == ("small_cnn", "preact_resnet18", "vgg11", "vgg19_bn", "vit", "vit_b16")
   assert isinstance(get_model("small_cnn", 10), SmallCNN)
   assert isinstance(get_model("preact_resnet18", 10), PreActResNet18)
   vgg11, vgg19 = get_model("vgg11", 10), get_model("vgg19_bn", 10)

@@ -17,6 +17,7 @@ from d3jax.models.conv import LOWERINGS, Conv
 from d3jax.models.preact_resnet import PreActBlock, PreActResNet18
 from d3jax.models.small_cnn import SmallCNN
 from d3jax.models.vgg import VGG, adaptive_avg_pool
+from d3jax.models.vit import ViT
 
 # name -> (module class, fields fixed by the name).
 _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
@@ -24,7 +25,10 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "preact_resnet18": (PreActResNet18, {}),
     "vgg11": (VGG, {"depth": 11, "batch_norm": False}),
     "vgg19_bn": (VGG, {"depth": 19, "batch_norm": True}),
+    "vit": (ViT, {}),
+    "vit_b16": (ViT, {"patch_size": 16, "width": 768, "depth": 12, "heads": 12, "mlp_dim": 3072}),
 }
+_OPTIONAL = ("hidden", "mlp_dim", "resize")  # positive integers or None (the default)
 MODELS: tuple[str, ...] = tuple(_REGISTRY)
 
 
@@ -37,9 +41,9 @@ def _check_option(name: str, key: str, value: Any) -> None:
     valid, expected = value in LOWERINGS, f"one of {LOWERINGS}"
   elif key == "small_input":
     valid, expected = isinstance(value, bool), "True or False"
-  else:  # width, hidden: positive integers (hidden may also be None = the default)
-    valid = (_is_int(value) and value >= 1) or (key == "hidden" and value is None)
-    expected = "a positive integer" + (" or None" if key == "hidden" else "")
+  else:  # width, depth, ...: positive integers (those of _OPTIONAL may also be None)
+    valid = (_is_int(value) and value >= 1) or (key in _OPTIONAL and value is None)
+    expected = "a positive integer" + (" or None" if key in _OPTIONAL else "")
   if not valid:
     raise ValueError(f"{name}: option {key} must be {expected}, got {value!r}.")
 
@@ -48,7 +52,8 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   """Builds the classifier ``name`` (one of :data:`MODELS`) with ``num_classes`` outputs.
 
   Options: ``small_cnn``: width=32; ``preact_resnet18``: width=64;
-  ``vgg11``/``vgg19_bn``: width=64, small_input=False, hidden=None. Every model takes
+  ``vgg11``/``vgg19_bn``: width=64, small_input=False, hidden=None; ``vit``: patch_size=16,
+  width=768, depth=12, heads=12, mlp_dim=None, resize=None (``vit_b16``: resize only). Every model takes
   ``conv="auto" | "lax" | "im2col" | "winograd"``, the convolution lowering (:mod:`d3jax.models.conv`).
 
   Raises:
@@ -69,5 +74,5 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   return cls(num_classes=num_classes, **fixed, **options)
 
 
-__all__ = ["Conv", "LOWERINGS", "MODELS", "PreActBlock", "PreActResNet18", "SmallCNN", "VGG",
+__all__ = ["Conv", "LOWERINGS", "MODELS", "PreActBlock", "PreActResNet18", "SmallCNN", "VGG", "ViT",
            "adaptive_avg_pool", "get_model"]
