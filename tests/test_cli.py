@@ -127,7 +127,7 @@ def test_help_shows_every_config_field_with_its_default(capsys):
   for field in [*AttackRun.__dataclass_fields__, *AttackTrainConfig.__dataclass_fields__]:
     if field != "train":
       assert f"--{field.replace('_', '-')}" in text, field
-  assert "(default: 0.1)" in text and "{small_cnn,preact_resnet18,vgg11,vgg19_bn}" in text
+  assert "(default: 0.1)" in text and "{small_cnn,preact_resnet18,vgg11,vgg19_bn,vit,vit_b16}" in text
   for name, config_type in REGISTRY.items():
     assert cli.main(["defend", name, "--help"]) == 0
     text = capsys.readouterr().out

@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 
 from d3jax import interop  # noqa: E402
 from d3jax.models import get_model  # noqa: E402
-from tests.torch_models import VGG, PreActResNet18, randomize_batch_norm  # noqa: E402
+from d3jax.interop.torch_models import VGG, PreActResNet18, SmallCNN, randomize_batch_norm  # noqa: E402
 
 # (d3jax name, d3jax options, PyTorch builder): CPU-sized widths, the published parameter names.
 CASES = {
@@ -21,6 +21,7 @@ CASES = {
                  lambda c, ch: VGG(19, True, c, width=8, hidden=32, in_channels=ch)),
     "vgg11": ({"width": 8, "hidden": 32},
               lambda c, ch: VGG(11, False, c, width=8, hidden=32, in_channels=ch)),
+    "small_cnn": ({"width": 8}, lambda c, ch: SmallCNN(c, width=8, in_channels=ch)),
 }
 
 

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from d3jax import cli, imported_runs, runs  # noqa: E402
 from d3jax.data import load_dataset  # noqa: E402
-from tests.torch_models import PreActResNet18  # noqa: E402
+from d3jax.interop.torch_models import PreActResNet18  # noqa: E402
 
 TARGET = 0
 

@@ -1,10 +1,13 @@
-"""BackdoorBench's PyTorch classifiers, rebuilt for the interop tests (PyTorch is a test extra).
+"""BackdoorBench's PyTorch classifiers, to load an exported d3jax model into PyTorch (needs PyTorch:
+``pip install 'd3jax[torch]'``; nothing else in d3jax imports this module).
 
 ``PreActResNet18`` follows BackdoorBench's ``models/preact_resnet.py`` (a stem conv with no BN
 after it, pre-activation blocks whose 1×1 shortcut is ``shortcut.0``, global average pooling,
 ``linear``); ``VGG`` follows torchvision's ``vgg19_bn``/``vgg11`` (``features``, 7×7 adaptive
-pooling, ``classifier.0/3/6``). ``width`` and ``hidden`` shrink them for CPU tests (64 and 4096 are
-the published sizes); the parameter names do not depend on them.
+pooling, ``classifier.0/3/6``); ``SmallCNN`` is d3jax's ``small_cnn`` (not a BackdoorBench model) under
+the names :func:`d3jax.interop.to_torch_state_dict` gives it. ``width`` and ``hidden`` shrink them
+(64 and 4096 are the published sizes); the parameter names do not depend on them. Written from
+the architectures' descriptions (BackdoorBench's ``models/preact_resnet.py``, torchvision's VGG).
 """
 from __future__ import annotations
 
@@ -82,6 +85,27 @@ class VGG(nn.Module):
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class SmallCNN(nn.Module):
+  """d3jax's ``small_cnn``: conv-BN-ReLU ×2, max pool, ×2 at twice the width, max pool, global
+  average pool, ``linear``."""
+
+  def __init__(self, num_classes: int = 10, width: int = 32, in_channels: int = 1):
+    super().__init__()
+    channels = (in_channels, width, width, 2 * width, 2 * width)
+    for index in range(1, 5):
+      setattr(self, f"conv{index}", nn.Conv2d(channels[index - 1], channels[index], 3, padding=1,
+                                              bias=False))
+      setattr(self, f"bn{index}", nn.BatchNorm2d(channels[index]))
+    self.linear = nn.Linear(2 * width, num_classes)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    for index in range(1, 5):
+      x = F.relu(getattr(self, f"bn{index}")(getattr(self, f"conv{index}")(x)))
+      if index % 2 == 0:
+        x = F.max_pool2d(x, 2)
+    return self.linear(x.mean(dim=(2, 3)))
 
 
 def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
