@@ -20,13 +20,13 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from d3jax import checkpoint
 from d3jax.analysis.grid import format_grid_table, heatmap, write_csv
 from d3jax.auto_choice import heldout_accuracy, weight_distance
 from d3jax.metrics import der
 from d3jax.pipeline import Backdoored, ReservedSplit, check_reserved_shape
+from d3jax.progress import progress_bar
 from d3jax.runs import LoadedRun, RunWriter
 from d3jax.sweep import aggregate, grid_points, sweep
 
@@ -98,7 +98,7 @@ def measure_runs(backdoored: Backdoored, config: Any, defended: Sequence[Any],
   columns: dict[str, list[float]] = {"acc": [], "asr": [], "ra": [], "der": [], "distance": []}
   if heldout is not None:
     columns["heldout_acc"] = []
-  for variables in tqdm(defended, desc="measure", disable=not progress, dynamic_ncols=True):
+  for variables in progress_bar(defended, desc="measure", disable=not progress):
     measured = backdoored.measure(variables)
     for column in ("acc", "asr", "ra"):
       columns[column].append(getattr(measured, column))

@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from d3jax.data.augment import augment, normalize
+from d3jax.progress import progress_bar
 from d3jax.reductions import masked_mean
 
 PyTree = Any
@@ -432,8 +432,8 @@ def fit(program: Program, state: TrainState, images: np.ndarray | jax.Array,
   steps_per_epoch = program.steps_per_epoch(images.shape[0])
   first = int(np.asarray(state.step).reshape(-1)[0]) // steps_per_epoch
   history: dict[str, list[np.ndarray]] = {}
-  bar = tqdm(range(first, program.recipe.epochs), desc=desc, disable=not progress,
-             initial=first, total=program.recipe.epochs, dynamic_ncols=True)
+  bar = progress_bar(range(first, program.recipe.epochs), desc=desc, disable=not progress,
+                     initial=first, total=program.recipe.epochs)
   for index in bar:
     state, metrics = train_epoch(program, state, images, labels, axes, vmap_width)
     metrics = {name: np.asarray(value) for name, value in metrics.items()}

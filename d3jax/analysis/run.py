@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
 from d3jax.analysis.data import Paired, paired, subsample
 from d3jax.analysis.gradcam import plot_gradcam
@@ -17,6 +16,7 @@ from d3jax.analysis.probe import last_conv
 from d3jax.analysis.tac import plot_tac
 from d3jax.analysis.tsne import plot_tsne
 from d3jax.analysis.weights import plot_weight_differences
+from d3jax.progress import progress_bar
 from d3jax.runs import LoadedRun
 
 ANALYSES = ("path", "weights", "tsne", "gradcam", "tac")
@@ -76,7 +76,7 @@ def analyze(attack: LoadedRun, defended: Mapping[str, Any], out_dir: str | Path,
     layer = last_conv(model, initial, backdoored.dataset.image_shape)
   out_dir = Path(out_dir)
   written = {}
-  for name in tqdm(analyses, desc="analyze", disable=not progress, dynamic_ncols=True):
+  for name in progress_bar(analyses, desc="analyze", disable=not progress):
     path = out_dir / f"{name}.png"
     if name == "path":
       dataset, bd = backdoored.dataset, backdoored.backdoor_test

@@ -28,12 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from d3jax.attacks.training import AttackTrainConfig, BatchPoisonTraining
 from d3jax.attacks.triggers import ImageShape, _check_batch, _image_shape
 from d3jax.data.augment import augment, normalize
 from d3jax.models.conv import LOWERINGS, Conv, max_pool_2x2
+from d3jax.progress import progress_bar
 from d3jax.reductions import masked_mean
 from d3jax.train import (Batch, Hyperparams, Normalization, Program, PyTree, TrainState,
                          batch_plan, cross_entropy, join_variables, split_variables)
@@ -348,7 +348,7 @@ class InputAwareProgram(Program):
             progress: bool = False) -> InputAwareState:
     """Stage 1: ``mask_epochs`` jitted epochs of mask-generator pre-training."""
     epochs = self.recipe.attack.mask_epochs
-    for epoch in tqdm(range(epochs), desc="input_aware masks", disable=not progress):
+    for epoch in progress_bar(range(epochs), desc="input_aware masks", disable=not progress):
       state, loss = _mask_epoch(self, state, images, labels, jnp.int32(epoch))
       if not np.isfinite(float(loss)):
         raise FloatingPointError(f"input_aware mask pre-training loss became {float(loss)} in "

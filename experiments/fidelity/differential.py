@@ -13,8 +13,11 @@ at most max(3 percentage points, 2 × the larger of the two seed standard deviat
 cell is a discrepancy to explain.
 
 Usage (from the repository root; torch from the test extra):
-  .venv/bin/python experiments/fidelity/differential.py --out experiments/results/fidelity \\
-      --cases mnist5k:badnets mnist5k:blended cifar:badnets cifar:blended --seeds 0 1 2
+  taskset -c 0 .venv/bin/python experiments/fidelity/differential.py \\
+      --out experiments/results/fidelity/mnist5k --cases mnist5k:badnets mnist5k:blended &
+  taskset -c 1 .venv/bin/python experiments/fidelity/differential.py \\
+      --out experiments/results/fidelity/cifar --cases cifar:badnets cifar:blended &
+(one process per core; seeds 0 1 2 and 100 epochs by default)
 Writes OUT/differential.json (every run) and OUT/differential.md (the table); rerunning skips runs
 already in the JSON.
 """
@@ -44,7 +47,7 @@ CIFAR = Path("../shared/data/cifar10_10k_jpegsrc.npz")
 # The attack recipes of experiments/results/table_mnist5k and table_cifar.
 ATTACK_ARGS = {
     "mnist5k": dict(dataset="mnist5k", model="small_cnn", model_options={"width": 16},
-                    train=dict(epochs=15)),
+                    train=dict(epochs=15, cosine_t_max=15, learning_rate=0.05)),
     "cifar": dict(dataset=f"npz:{CIFAR.resolve()}", model="preact_resnet18",
                   model_options={"width": 8},
                   train=dict(epochs=20, cosine_t_max=20, learning_rate=0.05, crop_padding=0,
