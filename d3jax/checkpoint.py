@@ -14,6 +14,7 @@ keeps per-epoch training states in ``checkpoints/`` of the staging directory
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -262,6 +263,66 @@ def check_out(out: str | Path, *, overwrite: bool = False, resume: bool = False,
     raise FileNotFoundError(f"--resume: no interrupted run of {out} to resume (looked for "
                             f"{staging_dir(path)}); run without --resume.")
   return path
+
+
+_LOCKS: dict[Path, int] = {}  # run directory -> descriptor of its lock file, held by this process
+
+
+def lock_path(out: str | Path) -> Path:
+  """The lock file ``.<name>.lock`` beside the run directory ``out``."""
+  out = Path(out).absolute()
+  return out.parent / f".{out.name}.lock"
+
+
+def lock_run(out: Path) -> None:
+  """Takes the exclusive lock of the run directory ``out`` for this process (a no-op when it holds
+  it already), so a second process writing the same run fails at once instead of writing into the
+  first one's staging directory. The lock is an ``flock`` on ``.<name>.lock`` beside ``out``; the
+  operating system releases it when the process dies, :func:`unlock_run` removes the file.
+
+  Raises:
+    FileExistsError: another process holds the lock.
+    PermissionError: the parent of ``out`` cannot be written (read-only, no permission).
+  """
+  if out in _LOCKS:
+    return
+  path = lock_path(out)
+  while True:
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      descriptor = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as err:
+      raise PermissionError(f"--out {out}: cannot write in {path.parent} ({err.strerror}); "
+                            "choose a directory you can write to.") from None
+    try:
+      fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(descriptor)
+      raise FileExistsError(f"--out {out} is being written by another d3jax process (it holds "
+                            f"{path}); wait for it to finish or choose another directory.") from None
+    try:  # the file may have been removed by its last holder between our open and our lock
+      if os.stat(path).st_ino == os.fstat(descriptor).st_ino:
+        break
+    except FileNotFoundError:
+      pass
+    os.close(descriptor)
+  _LOCKS[out] = descriptor
+
+
+def check_unlocked(out: Path) -> None:
+  """Raises what :func:`lock_run` raises when ``out`` is locked by another process or cannot be
+  written, without keeping the lock (a check before any work; the writer locks when it starts)."""
+  if out not in _LOCKS:
+    lock_run(out)
+    unlock_run(out)
+
+
+def unlock_run(out: Path) -> None:
+  """Releases the lock :func:`lock_run` took (nothing when this process does not hold it)."""
+  descriptor = _LOCKS.pop(out, None)
+  if descriptor is not None:
+    lock_path(out).unlink(missing_ok=True)  # while still locked: a waiting opener retries
+    os.close(descriptor)
 
 
 def begin_run(out: Path, *, resume: bool = False) -> Path:

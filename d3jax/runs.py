@@ -155,20 +155,28 @@ class Recorder:
 class RunWriter:
   """Builds a run in its staging directory and renames it into place when complete.
 
-  The output is checked on construction, before any work: an existing ``out`` is refused
-  unless ``overwrite``, and an input run is never replaced.
+  The output is checked on construction, before any work: an existing ``out`` is refused unless
+  ``overwrite``, an input run is never replaced, and a run another process is writing is refused.
+  Entering takes the run's exclusive lock (:func:`d3jax.checkpoint.lock_run`) before the staging
+  directory is touched; exiting releases it.
   """
 
   def __init__(self, out: str | Path, *, overwrite: bool = False, resume: bool = False,
                inputs: Sequence[str | Path] = ()):
     self.out = checkpoint.check_out(out, overwrite=overwrite, resume=resume, inputs=inputs)
+    checkpoint.check_unlocked(self.out)
     self.resume = resume
     self.stage: Path | None = None
     self._handler: logging.Handler | None = None
     self._level = logging.NOTSET
 
   def __enter__(self) -> "RunWriter":
-    self.stage = checkpoint.begin_run(self.out, resume=self.resume)
+    checkpoint.lock_run(self.out)
+    try:
+      self.stage = checkpoint.begin_run(self.out, resume=self.resume)
+    except BaseException:
+      checkpoint.unlock_run(self.out)
+      raise
     self._handler = logging.FileHandler(self.stage / "log.txt")
     self._handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     LOG.addHandler(self._handler)
@@ -183,6 +191,7 @@ class RunWriter:
     LOG.removeHandler(self._handler)
     self._handler.close()
     LOG.setLevel(self._level)
+    checkpoint.unlock_run(self.out)
 
   def start(self, config: dict) -> None:
     """Writes ``config.json``; when resuming, checks it equals the interrupted run's."""
