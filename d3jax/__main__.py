@@ -1,6 +1,4 @@
 """``python -m d3jax``: the ``d3jax`` command."""
-import sys
+from d3jax.cli import run
 
-from d3jax.cli import main
-
-sys.exit(main())
+run()

@@ -19,8 +19,11 @@ import contextlib
 import dataclasses
 import io
 import logging
+import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
@@ -456,6 +459,23 @@ def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool)
   return log["config"]
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+  """SIGTERM handler: stop as Ctrl-C does (the running epoch finishes its compiled step first)."""
+  raise KeyboardInterrupt
+
+
+def _interrupted(command: Any, interrupt: KeyboardInterrupt) -> str:
+  """The one line printed for Ctrl-C or SIGTERM: what was kept and how to continue."""
+  if not isinstance(interrupt, runs.Interrupted):
+    return "interrupted before a run directory was started; nothing was written."
+  if interrupt.stage is None:
+    return f"interrupted; nothing was written to {interrupt.out}: run the command again."
+  how = ("run the same d3jax table command again (finished cells are reused, this one resumes)"
+         if isinstance(command, TableCommand) else "run the same command with --resume")
+  return (f"interrupted; the partial run of {interrupt.out} is kept in {interrupt.stage}: {how} "
+          "to continue after its last saved epoch.")
+
+
 def main(argv: list[str] | None = None) -> int:
   """The ``d3jax`` entry point; returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -463,9 +483,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"d3jax {d3jax.__version__}")
     return 0
   debug = "--debug" in argv
+  in_main_thread = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+  command = None
   try:
     command = _parse_quietly(argv) if not debug else parse(argv)
     run_command(command)
+  except KeyboardInterrupt as interrupt:
+    if debug:
+      raise
+    print(f"d3jax: {_interrupted(command, interrupt)}", file=sys.stderr)
+    return 130
   except SystemExit as exit_:
     return exit_.code if isinstance(exit_.code, int) else 2
   except USER_ERRORS as err:
@@ -473,4 +501,20 @@ def main(argv: list[str] | None = None) -> int:
       raise
     print(f"d3jax: error: {' '.join(str(err).split())}", file=sys.stderr)
     return 2
+  finally:
+    if in_main_thread:
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
   return 0
+
+
+def run() -> None:
+  """The console entry point: :func:`main`'s status as the exit code. After an interrupt the
+  process ends without Python's finalisation: a computation stopped mid-flight can crash XLA's
+  teardown (seen once as a segfault after the one-line message), and the run directory is
+  already consistent by then."""
+  status = main()
+  if status == 130:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+  sys.exit(status)

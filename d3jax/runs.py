@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -152,20 +153,31 @@ class Recorder:
     return [w for w in found if w]
 
 
+class Interrupted(KeyboardInterrupt):
+  """A run stopped by Ctrl-C or SIGTERM. ``stage`` is its kept staging directory (resumable after
+  its last saved epoch), or None when nothing was kept."""
+
+  def __init__(self, out: Path, stage: Path | None):
+    super().__init__(f"interrupted while writing {out}")
+    self.out, self.stage = out, stage
+
+
 class RunWriter:
   """Builds a run in its staging directory and renames it into place when complete.
 
   The output is checked on construction, before any work: an existing ``out`` is refused unless
   ``overwrite``, an input run is never replaced, and a run another process is writing is refused.
   Entering takes the run's exclusive lock (:func:`d3jax.checkpoint.lock_run`) before the staging
-  directory is touched; exiting releases it.
+  directory is touched; exiting releases it. A KeyboardInterrupt (Ctrl-C, or SIGTERM through the
+  command line) leaves as :class:`Interrupted`: the staging directory is kept for ``--resume``, or
+  removed when the run is not ``resumable`` (a sweep).
   """
 
   def __init__(self, out: str | Path, *, overwrite: bool = False, resume: bool = False,
-               inputs: Sequence[str | Path] = ()):
+               inputs: Sequence[str | Path] = (), resumable: bool = True):
     self.out = checkpoint.check_out(out, overwrite=overwrite, resume=resume, inputs=inputs)
     checkpoint.check_unlocked(self.out)
-    self.resume = resume
+    self.resume, self.resumable = resume, resumable
     self.stage: Path | None = None
     self._handler: logging.Handler | None = None
     self._level = logging.NOTSET
@@ -187,11 +199,17 @@ class RunWriter:
       LOG.setLevel(logging.INFO)
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, exc_type, exc, traceback) -> None:
     LOG.removeHandler(self._handler)
     self._handler.close()
     LOG.setLevel(self._level)
+    interrupted = (exc_type is not None and issubclass(exc_type, KeyboardInterrupt)
+                   and not isinstance(exc, Interrupted))
+    if interrupted and not self.resumable:
+      shutil.rmtree(self.stage, ignore_errors=True)
     checkpoint.unlock_run(self.out)
+    if interrupted:  # the interrupted epoch is abandoned; saved ones stay for --resume
+      raise Interrupted(self.out, self.stage if self.resumable else None) from None
 
   def start(self, config: dict) -> None:
     """Writes ``config.json``; when resuming, checks it equals the interrupted run's."""

@@ -49,7 +49,7 @@ def write_sweep(source: LoadedRun, name: str, config: Any, split: ReservedSplit,
   if source.kind != "attack":
     raise ValueError(f"--attack-run {source.path} is a {source.kind} run; pass a run written by "
                      "`d3jax attack`.")
-  writer = RunWriter(out, overwrite=overwrite, inputs=[source.path])
+  writer = RunWriter(out, overwrite=overwrite, inputs=[source.path], resumable=False)
   grid_points(config.hyperparams(), grid)  # unknown names fail here, before anything is written
   backdoored = source.backdoored
   (images, labels), heldout = split.draw(backdoored.dataset)
