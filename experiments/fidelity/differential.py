@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_reference  # noqa: E402
 
-from d3jax import interop, pipeline, runs  # noqa: E402
+from d3jax import compile_cache, interop, pipeline, runs  # noqa: E402
 from d3jax.attacks.training import AttackTrainConfig  # noqa: E402
 from d3jax.defenses import D3Config, FTConfig  # noqa: E402
 from d3jax.defenses.ft_sam import FTSAMConfig  # noqa: E402
@@ -147,6 +147,7 @@ def main() -> None:
                       help="PyTorch threads (two abort in training on AMD EPYC with torch 2.13)")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
+  compile_cache.enable()  # the seeds of a case share shapes: compile each program once
   args.out.mkdir(parents=True, exist_ok=True)
   store = args.out / "differential.json"
   results = json.loads(store.read_text()) if store.exists() else {}
