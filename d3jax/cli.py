@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -40,7 +41,9 @@ from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
 from d3jax.sweep import parse_grid
 from d3jax.sweep_runs import defense_key, write_sweep
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)
+# Storage faults: reported in one line like user errors (the run directory stays consistent).
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 Flat = tyro.conf.OmitArgPrefixes
 TYRO_CONFIG = (tyro.conf.OmitSubcommandPrefixes, tyro.conf.CascadeSubcommandArgs)
 
@@ -342,6 +345,9 @@ def _setup(session: Session) -> None:
     logger.addHandler(_AboveProgressBars())
   if session.compile_cache:
     compile_cache.enable()
+  # orbax and tfds log through absl; an orbax writer thread that fails (a full disk) would print
+  # its traceback before the main thread reports the same error in one line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
 
 
 def run_command(command: Any) -> None:
@@ -476,6 +482,17 @@ def _interrupted(command: Any, interrupt: KeyboardInterrupt) -> str:
           "to continue after its last saved epoch.")
 
 
+def _storage_fault(command: Any, err: OSError) -> str:
+  """One line for a full disk or read-only file system met while writing a run."""
+  where = f" ({err.filename})" if err.filename else ""
+  out = getattr(getattr(command, "output", None), "out", None) or getattr(command, "out", None)
+  kept = ""
+  if out is not None and checkpoint.staging_dir(out).is_dir():
+    kept = (f"; the partial run is kept in {checkpoint.staging_dir(out)}: free space and run the "
+            "same command with --resume")
+  return f"{err.strerror}{where} while writing{' ' + str(out) if out else ''}{kept}."
+
+
 def main(argv: list[str] | None = None) -> int:
   """The ``d3jax`` entry point; returns the exit status."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -500,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
       raise
     print(f"d3jax: error: {' '.join(str(err).split())}", file=sys.stderr)
+    return 2
+  except OSError as err:
+    if debug or err.errno not in STORAGE_ERRNOS:
+      raise
+    print(f"d3jax: error: {_storage_fault(command, err)}", file=sys.stderr)
     return 2
   finally:
     if in_main_thread:
