@@ -30,8 +30,11 @@ from d3jax import attacks, checkpoint, curves, interop, pipeline, runs
 from d3jax.attacks import PoisonedSet
 from d3jax.pipeline import AttackRun, Backdoored
 
-# BackdoorBench model names d3jax builds (the same names here).
-MODELS = ("preact_resnet18", "vgg19_bn")
+# BackdoorBench model name -> (d3jax model, options it is built with): BackdoorBench's ViT-B/16
+# resizes its input to 224×224 (a Sequential(Resize, vit), hence the "1." key prefix).
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {
+    "preact_resnet18": ("preact_resnet18", {}), "vgg19_bn": ("vgg19_bn", {}),
+    "vit_b_16": ("vit_b16", {"resize": 224})}
 _KEYS = ("model_name", "num_classes", "model", "bd_test")
 
 
@@ -177,15 +180,16 @@ def import_attack_result(path: str | Path, dataset: str, out: str | Path, *, att
   """
   start = time.perf_counter()
   result = read_attack_result(path)
-  options = interop.infer_model_options(result.model_name, result.state_dict)
+  name, fixed = MODELS[result.model_name]
+  options = {**interop.infer_model_options(name, result.state_dict), **fixed}
   mode, target = _label_mode(result, attack)
-  run = AttackRun(dataset=dataset, model=result.model_name, model_options=options, attack=attack,
+  run = AttackRun(dataset=dataset, model=name, model_options=options, attack=attack,
                   ratio=result.train_poison_ratio or 0.0, target=target, label_mode=mode)
   writer = runs.RunWriter(out, overwrite=overwrite, inputs=[Path(path).parent])
   data, model = pipeline.data_and_model(run)
   _check_dataset(result, data, dataset)
-  variables = interop.from_torch_state_dict(result.model_name, result.state_dict,
-                                            result.num_classes, **options)
+  variables = interop.from_torch_state_dict(name, result.state_dict, result.num_classes,
+                                            **options)
   backdoored = Backdoored(run, data, model, variables,
                           poisoned_test_set(result, data.image_shape))
   with writer:
@@ -208,6 +212,6 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
   ``.bin`` with PyTorch installed, or ``.safetensors``) in BackdoorBench's parameter names."""
   loaded = runs.load(run_dir)
   spec = loaded.config["model"]
-  options = {k: v for k, v in spec["options"].items() if k != "conv"}
-  state = interop.to_torch_state_dict(spec["name"], loaded.backdoored.variables, **options)
+  state = interop.to_torch_state_dict(spec["name"], loaded.backdoored.variables,
+                                      **spec["options"])
   return interop.save_torch_state_dict(out, state)

@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 
 from d3jax import interop  # noqa: E402
 from d3jax.models import get_model  # noqa: E402
-from d3jax.interop.torch_models import VGG, PreActResNet18, SmallCNN, randomize_batch_norm  # noqa: E402
+from d3jax.interop.torch_models import (VGG, PreActResNet18, SmallCNN, VisionTransformer,
+                                       randomize_batch_norm)  # noqa: E402
 
 # (d3jax name, d3jax options, PyTorch builder): CPU-sized widths, the published parameter names.
 CASES = {
@@ -195,3 +196,31 @@ def test_published_sizes_parity_both_ways(name):
   back.load_state_dict({k: torch.from_numpy(v)
                         for k, v in interop.to_torch_state_dict(name, variables).items()})
   assert _relative(_torch_logits(back, images), expected) <= 1e-4
+
+
+VIT = {"patch_size": 4, "width": 16, "depth": 2, "heads": 4, "mlp_dim": 32}
+
+
+def _torch_vit(classes: int = 5) -> "torch.nn.Module":
+  torch.manual_seed(5)
+  model = VisionTransformer(16, 4, 16, 2, 4, 32, classes)
+  with torch.no_grad():  # torchvision zero-initialises the head; make the logits informative
+    model.heads.head.weight.normal_()
+  return model
+
+
+def test_vit_parity_both_ways_in_torchvisions_names():
+  model = _torch_vit()
+  images = _images(size=16)
+  # BackdoorBench wraps the ViT as Sequential(Resize, vit): its keys carry a "1." prefix.
+  state = {f"1.{k}": v for k, v in model.state_dict().items()}
+  assert interop.infer_model_options("vit", state) == {k: v for k, v in VIT.items() if k != "heads"}
+  variables = interop.from_torch_state_dict("vit", state, 5, **VIT)
+  expected = _torch_logits(model, images)
+  assert _relative(_jax_logits("vit", VIT, variables, images, 5), expected) <= 1e-4
+  back = VisionTransformer(16, 4, 16, 2, 4, 32, 5)
+  back.load_state_dict({k: torch.from_numpy(v)
+                        for k, v in interop.to_torch_state_dict("vit", variables, **VIT).items()})
+  assert _relative(_torch_logits(back, images), expected) <= 1e-4
+  with pytest.raises(ValueError, match="pos_embedding has shape"):
+    interop.from_torch_state_dict("vit", state, 5, **VIT, resize=32)

@@ -3,7 +3,9 @@
 BackdoorBench's ``preact_resnet18`` (its ``models/preact_resnet.py``) and ``vgg19_bn``
 (torchvision's ``vgg19_bn``) are the D3 paper's models (Sec. 4.1); d3jax's
 :mod:`d3jax.models` build the same functions, so a converted model gives the same logits.
-``small_cnn`` (d3jax's own) converts too, under the PyTorch names of its layers.
+``small_cnn`` (d3jax's own) converts too, under the PyTorch names of its layers, and ``vit`` /
+``vit_b16`` under torchvision's ``VisionTransformer`` names (BackdoorBench's ``vit_b_16`` is that
+model behind a resize, its keys prefixed ``1.``, which is stripped on import).
 
 Conversions, per leaf:
 
@@ -108,6 +110,31 @@ def _vgg_modules(depth: int, batch_norm: bool) -> dict[str, str]:
   return names
 
 
+def _vit_leaf(collection: str, path: tuple[str, ...]) -> _Leaf:
+  """A ViT leaf under torchvision's ``VisionTransformer`` names (``conv_proj``, ``class_token``,
+  ``encoder.pos_embedding``, ``encoder.layers.encoder_layer_{i}.{ln_1, self_attention, ln_2,
+  mlp.0, mlp.3}``, ``encoder.ln``, ``heads.head``); the fused ``qkv`` projection is
+  ``self_attention.in_proj_weight``/``in_proj_bias`` (rows q, k, v, heads contiguous in each)."""
+  *module, leaf = path
+  suffix = "weight" if leaf in ("kernel", "scale") else leaf
+  convert = (_conv_to_torch, _conv_from_torch) if module == ["conv_proj"] and leaf == "kernel" \
+      else (_dense_transpose, _dense_transpose) if leaf == "kernel" else (_identity, _identity)
+  if not module:
+    return _Leaf(collection, path, {"class_token": "class_token",
+                                    "pos_embedding": "encoder.pos_embedding"}[leaf], *convert)
+  head = {"conv_proj": "conv_proj", "ln": "encoder.ln", "linear": "heads.head"}.get(module[0])
+  if head is None:
+    block = f"encoder.layers.encoder_layer_{module[0][len('block'):]}"
+    part = {"ln_1": "ln_1", "ln_2": "ln_2", "mlp1": "mlp.0", "mlp2": "mlp.3",
+            "attention": "self_attention"}[module[1]]
+    if module[1:] == ["attention", "qkv"]:
+      return _Leaf(collection, path, f"{block}.self_attention.in_proj_{suffix}", *convert)
+    if module[1:] == ["attention", "out"]:
+      part = "self_attention.out_proj"
+    head = f"{block}.{part}"
+  return _Leaf(collection, path, f"{head}.{suffix}", *convert)
+
+
 def _module_name(model_name: str, path: tuple[str, ...]) -> str:
   if model_name == "preact_resnet18":
     return _preact_module(path)
@@ -123,6 +150,9 @@ def _leaves(model_name: str, template: Variables, options: Mapping[str, Any]) ->
   flat = flax.traverse_util.flatten_dict(template)
   for (collection, *path), value in flat.items():
     module, leaf = tuple(path[:-1]), path[-1]
+    if model_name.startswith("vit"):
+      leaves.append(_vit_leaf(collection, tuple(path)))
+      continue
     torch_module = _module_name(model_name, module)
     if (collection, leaf) in _BN_NAMES and module[-1].startswith("bn"):
       leaves.append(_Leaf(collection, tuple(path), f"{torch_module}.{_BN_NAMES[collection, leaf]}",
@@ -142,10 +172,11 @@ def _leaves(model_name: str, template: Variables, options: Mapping[str, Any]) ->
 
 
 def _template(model_name: str, num_classes: int, in_channels: int,
-              options: Mapping[str, Any]) -> Variables:
-  """Shapes of ``get_model(model_name, ...)``'s variables for ``in_channels``-channel images."""
+              options: Mapping[str, Any], size: int = 32) -> Variables:
+  """Shapes of ``get_model(model_name, ...)``'s variables for ``size``² ``in_channels``-channel
+  images."""
   model = get_model(model_name, num_classes, **options)
-  images = jnp.zeros((1, 32, 32, in_channels), jnp.float32)
+  images = jnp.zeros((1, size, size, in_channels), jnp.float32)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
   return flax.core.unfreeze(shapes)
 
@@ -156,7 +187,18 @@ def _bn_counters(leaves: list[_Leaf]) -> list[str]:
 
 
 def _first_conv_name(model_name: str) -> str:
+  if model_name.startswith("vit"):
+    return "conv_proj.weight"
   return "features.0.weight" if model_name.startswith("vgg") else "conv1.weight"
+
+
+def _image_size(model_name: str, tensors: Mapping[str, np.ndarray]) -> int:
+  """The image side the template is built at: 32, or for a ViT the side its position embedding
+  was made for (patch size × √(tokens − 1)), which fixes the embedding's length."""
+  if not model_name.startswith("vit") or "encoder.pos_embedding" not in tensors:
+    return 32
+  patch = int(tensors["conv_proj.weight"].shape[-1])
+  return patch * int(round(np.sqrt(tensors["encoder.pos_embedding"].shape[1] - 1)))
 
 
 def _listed(names: list[str], limit: int = 3) -> str:
@@ -176,13 +218,16 @@ def from_torch_state_dict(model_name: str, state_dict: Mapping[str, Any], num_cl
     ValueError: an unknown model, or in one line every missing, unexpected or mis-shaped tensor.
   """
   tensors = {_strip_prefix(name): _to_numpy(value) for name, value in state_dict.items()}
+  if model_name.startswith("vit") and tensors and all(n.startswith("1.") for n in tensors):
+    tensors = {name[2:]: value for name, value in tensors.items()}  # BackdoorBench's (Resize, vit)
   first = _first_conv_name(model_name)
   get_model(model_name, num_classes, **model_options)  # validates the name and the options
   if first not in tensors or np.ndim(tensors[first]) != 4:
     raise ValueError(
         f"state dict has no 4-D {first} (the first convolution of {model_name}); its first "
         f"tensors are {_listed(list(tensors))}: is it a {model_name} checkpoint?")
-  template = _template(model_name, num_classes, int(tensors[first].shape[1]), model_options)
+  size = model_options.get("resize") or _image_size(model_name, tensors)
+  template = _template(model_name, num_classes, int(tensors[first].shape[1]), model_options, size)
   leaves = _leaves(model_name, template, model_options)
   expected = {leaf.torch_name for leaf in leaves}
   missing = [leaf.torch_name for leaf in leaves if leaf.torch_name not in tensors]
@@ -218,6 +263,8 @@ def infer_model_options(model_name: str, state_dict: Mapping[str, Any]) -> dict[
     ValueError: the state dict lacks the tensors the options are read from.
   """
   tensors = {_strip_prefix(name): value for name, value in state_dict.items()}
+  if model_name.startswith("vit"):
+    return _vit_options(model_name, tensors)
   needed = [_first_conv_name(model_name)] + (["classifier.0.weight"]
                                              if model_name.startswith("vgg") else [])
   for name in needed:
@@ -228,6 +275,22 @@ def infer_model_options(model_name: str, state_dict: Mapping[str, Any]) -> dict[
   if model_name.startswith("vgg"):
     options["hidden"] = int(np.shape(tensors["classifier.0.weight"])[0])
   return options
+
+
+def _vit_options(model_name: str, tensors: Mapping[str, Any]) -> dict[str, int]:
+  """``vit``'s patch size, width, depth and MLP size from its tensors (its head count cannot be
+  read from weights: the default 12, or pass ``heads``); ``vit_b16`` fixes them all."""
+  if all(name.startswith("1.") for name in tensors):
+    tensors = {name[2:]: value for name, value in tensors.items()}
+  if model_name == "vit_b16":
+    return {}
+  if "conv_proj.weight" not in tensors or "encoder.layers.encoder_layer_0.mlp.0.weight" not in tensors:
+    raise ValueError(f"state dict has no conv_proj.weight or encoder layers to read {model_name}'s "
+                     "size from; is it a torchvision VisionTransformer checkpoint?")
+  patches = np.shape(tensors["conv_proj.weight"])
+  depth = len({name.split(".")[2] for name in tensors if name.startswith("encoder.layers.")})
+  return {"width": int(patches[0]), "patch_size": int(patches[-1]), "depth": depth,
+          "mlp_dim": int(np.shape(tensors["encoder.layers.encoder_layer_0.mlp.0.weight"])[0])}
 
 
 def to_torch_state_dict(model_name: str, variables: Variables,

@@ -11,6 +11,8 @@ the architectures' descriptions (BackdoorBench's ``models/preact_resnet.py``, to
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -106,6 +108,55 @@ class SmallCNN(nn.Module):
       if index % 2 == 0:
         x = F.max_pool2d(x, 2)
     return self.linear(x.mean(dim=(2, 3)))
+
+
+class EncoderBlock(nn.Module):
+
+  def __init__(self, width: int, heads: int, mlp_dim: int):
+    super().__init__()
+    self.ln_1 = nn.LayerNorm(width, eps=1e-6)
+    self.self_attention = nn.MultiheadAttention(width, heads, batch_first=True)
+    self.ln_2 = nn.LayerNorm(width, eps=1e-6)
+    self.mlp = nn.Sequential(nn.Linear(width, mlp_dim), nn.GELU(), nn.Dropout(0.0),
+                             nn.Linear(mlp_dim, width), nn.Dropout(0.0))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = self.ln_1(x)
+    x = x + self.self_attention(y, y, y, need_weights=False)[0]
+    return x + self.mlp(self.ln_2(x))
+
+
+class Encoder(nn.Module):
+
+  def __init__(self, tokens: int, width: int, depth: int, heads: int, mlp_dim: int):
+    super().__init__()
+    self.pos_embedding = nn.Parameter(torch.empty(1, tokens, width).normal_(std=0.02))
+    self.layers = nn.Sequential(OrderedDict(
+        (f"encoder_layer_{i}", EncoderBlock(width, heads, mlp_dim)) for i in range(depth)))
+    self.ln = nn.LayerNorm(width, eps=1e-6)
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.ln(self.layers(x + self.pos_embedding))
+
+
+class VisionTransformer(nn.Module):
+  """torchvision's ``VisionTransformer`` layout (``vit_b_16``: image 224, patch 16, width 768,
+  depth 12, heads 12, MLP 3072)."""
+
+  def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768,
+               depth: int = 12, heads: int = 12, mlp_dim: int = 3072, num_classes: int = 10,
+               in_channels: int = 3):
+    super().__init__()
+    self.conv_proj = nn.Conv2d(in_channels, width, patch_size, patch_size)
+    self.class_token = nn.Parameter(torch.zeros(1, 1, width))
+    self.encoder = Encoder((image_size // patch_size) ** 2 + 1, width, depth, heads, mlp_dim)
+    self.heads = nn.Sequential(OrderedDict(head=nn.Linear(width, num_classes)))
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    x = self.conv_proj(x)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+    return self.heads(self.encoder(x)[:, 0])
 
 
 def randomize_batch_norm(model: nn.Module, seed: int = 0) -> nn.Module:
