@@ -38,6 +38,7 @@ from d3jax import table as table_runner
 from d3jax.analysis.grid import format_grid_table
 from d3jax.analysis.run import ANALYSES, analyze, defense_labels
 from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
+from d3jax.progress import clear_stop, request_stop, stop_requested
 from d3jax.sweep import parse_grid
 from d3jax.sweep_runs import defense_key, write_sweep
 
@@ -466,8 +467,11 @@ def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool)
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-  """SIGTERM handler: stop as Ctrl-C does (the running epoch finishes its compiled step first)."""
-  raise KeyboardInterrupt
+  """SIGINT/SIGTERM handler: the running loop stops before its next epoch (a handler that raised
+  could be swallowed by a garbage-collection callback); a second signal stops at once."""
+  if stop_requested():
+    raise KeyboardInterrupt
+  request_stop(signum)
 
 
 def _interrupted(command: Any, interrupt: KeyboardInterrupt) -> str:
@@ -501,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   debug = "--debug" in argv
   in_main_thread = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+  clear_stop()
+  previous = {signum: signal.signal(signum, _interrupt)
+              for signum in (signal.SIGINT, signal.SIGTERM)} if in_main_thread else {}
   command = None
   try:
     command = _parse_quietly(argv) if not debug else parse(argv)
@@ -524,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"d3jax: error: {_storage_fault(command, err)}", file=sys.stderr)
     return 2
   finally:
-    if in_main_thread:
-      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+    clear_stop()
   return 0
 
 

@@ -69,3 +69,14 @@ def backdoor(digits, rbg_key):
   assert before.asr >= 0.8 and before.acc >= 0.85, before
   x_reserved, y_reserved = subset(ds.x_train, ds.y_train, draw_reserved(ds.y_train, 0.1, reserve_key))
   return model, norm, backdoored, x_reserved, y_reserved, evaluate, before
+
+
+@pytest.fixture(scope="session")
+def cli_attack_run(tmp_path_factory):
+  """A finished attack run written by the command line (digits, width-4 CNN, one epoch), for
+  tests that run `d3jax` processes against it; they must not modify it."""
+  from d3jax import cli
+  out = tmp_path_factory.mktemp("cli_attack") / "badnets"
+  assert cli.main(["attack", "--out", str(out), "--dataset", "digits", "--model-options", "width",
+                   "4", "--epochs", "1", "--batch-size", "64", "--eval-every", "0", "--quiet"]) == 0
+  return out

@@ -7,36 +7,28 @@ import time
 
 import pytest
 
-from d3jax import checkpoint, cli, runs
+from d3jax import checkpoint, runs
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def attack_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("concurrency") / "badnets"
-  assert cli.main(["attack", "--out", str(out), "--dataset", "digits", "--model-options", "width",
-                   "4", "--epochs", "1", "--batch-size", "64", "--eval-every", "0", "--quiet"]) == 0
-  return out
-
-
-def _defend(attack_run, out, epochs):
+def _defend(cli_attack_run, out, epochs):
   return subprocess.Popen(
-      [sys.executable, "-m", "d3jax", "defend", "--attack-run", str(attack_run), "--out", str(out),
+      [sys.executable, "-m", "d3jax", "defend", "--attack-run", str(cli_attack_run), "--out", str(out),
        "--quiet", "ft", "--epochs", str(epochs), "--batch-size", "32", "--reserved.ratio", "0.1"],
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_second_writer_of_the_same_out_fails_at_once(attack_run, tmp_path):
+def test_second_writer_of_the_same_out_fails_at_once(cli_attack_run, tmp_path):
   out = tmp_path / "ft"
-  first = _defend(attack_run, out, 400)
+  first = _defend(cli_attack_run, out, 400)
   stage = checkpoint.staging_dir(out)
   deadline = time.time() + 120
   while not (stage / "config.json").exists():  # the first is writing its run
     assert first.poll() is None and time.time() < deadline, first.communicate()
     time.sleep(0.2)
   started = time.time()
-  second = _defend(attack_run, out, 400)
+  second = _defend(cli_attack_run, out, 400)
   _, err = second.communicate(timeout=120)
   assert second.returncode == 2, err
   lines = err.strip().splitlines()

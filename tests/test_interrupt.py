@@ -16,14 +16,6 @@ DEFEND = ["--quiet", "--checkpoint-every", "0", "ft", "--epochs", "150", "--batc
           "--reserved.ratio", "0.1"]
 
 
-@pytest.fixture(scope="module")
-def attack_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("interrupt") / "badnets"
-  assert cli.main(["attack", "--out", str(out), "--dataset", "digits", "--model-options", "width",
-                   "4", "--epochs", "1", "--batch-size", "64", "--eval-every", "0", "--quiet"]) == 0
-  return out
-
-
 def _start(args):
   return subprocess.Popen([sys.executable, "-m", "d3jax", *args], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
@@ -37,9 +29,9 @@ def _wait_for(path, process, timeout=180):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_defend_keeps_a_resumable_run(attack_run, tmp_path, signum):
+def test_interrupted_defend_keeps_a_resumable_run(cli_attack_run, tmp_path, signum):
   out = tmp_path / "ft"
-  args = ["defend", "--attack-run", str(attack_run), "--out", str(out), *DEFEND]
+  args = ["defend", "--attack-run", str(cli_attack_run), "--out", str(out), *DEFEND]
   process = _start(args)
   stage = checkpoint.staging_dir(out)
   _wait_for(stage / "checkpoints", process)  # at least one epoch saved
@@ -55,9 +47,9 @@ def test_interrupted_defend_keeps_a_resumable_run(attack_run, tmp_path, signum):
   assert runs.load(out).kind == "defense" and not stage.exists()
 
 
-def test_interrupted_sweep_leaves_nothing(attack_run, tmp_path):
+def test_interrupted_sweep_leaves_nothing(cli_attack_run, tmp_path):
   out = tmp_path / "sweep"
-  process = _start(["sweep", "--attack-run", str(attack_run), "--out", str(out), "--grid",
+  process = _start(["sweep", "--attack-run", str(cli_attack_run), "--out", str(out), "--grid",
                     "learning_rate=0.01,0.02", "--quiet", "--reserved.ratio", "0.1", "ft",
                     "--epochs", "400", "--batch-size", "32"])
   stage = checkpoint.staging_dir(out)

@@ -18,14 +18,6 @@ pytestmark = pytest.mark.slow
 DEFEND = ["--quiet", "ft", "--epochs", "2", "--batch-size", "32", "--reserved.ratio", "0.1"]
 
 
-@pytest.fixture(scope="module")
-def attack_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("storage") / "badnets"
-  assert cli.main(["attack", "--out", str(out), "--dataset", "digits", "--model-options", "width",
-                   "4", "--epochs", "1", "--batch-size", "64", "--eval-every", "0", "--quiet"]) == 0
-  return out
-
-
 @pytest.fixture
 def tmpfs(tmp_path):
   """A mount point and a function that mounts or remounts a tmpfs there with options."""
@@ -59,30 +51,30 @@ def _one_error_line(result, text):
   assert "Traceback" not in result.stderr
 
 
-def test_full_disk_then_resume(attack_run, tmpfs):
+def test_full_disk_then_resume(cli_attack_run, tmpfs):
   point = tmpfs("size=96k")
-  before = checkpoint.load_json(attack_run, checkpoint.MANIFEST)
+  before = checkpoint.load_json(cli_attack_run, checkpoint.MANIFEST)
   out = point / "ft"
-  args = ["defend", "--attack-run", str(attack_run), "--out", str(out), *DEFEND]
+  args = ["defend", "--attack-run", str(cli_attack_run), "--out", str(out), *DEFEND]
   result = _d3jax(*args)
   _one_error_line(result, "No space left on device")
   assert "--resume" in result.stderr and not out.exists()
-  checkpoint.verify_run(attack_run)  # the input run is untouched
-  assert checkpoint.load_json(attack_run, checkpoint.MANIFEST) == before
+  checkpoint.verify_run(cli_attack_run)  # the input run is untouched
+  assert checkpoint.load_json(cli_attack_run, checkpoint.MANIFEST) == before
   tmpfs("size=20m")
   assert _d3jax(*args, "--resume").returncode == 0
   assert runs.load(out).kind == "defense"
 
 
-def test_read_only_parent_refused_before_training(attack_run, tmpfs):
+def test_read_only_parent_refused_before_training(cli_attack_run, tmpfs):
   point = tmpfs("ro,size=1m")
-  result = _d3jax("defend", "--attack-run", str(attack_run), "--out", str(point / "ft"), *DEFEND)
+  result = _d3jax("defend", "--attack-run", str(cli_attack_run), "--out", str(point / "ft"), *DEFEND)
   _one_error_line(result, "cannot write in")
 
 
-def test_injected_full_disk_keeps_a_resumable_partial(attack_run, tmp_path, monkeypatch, capsys):
+def test_injected_full_disk_keeps_a_resumable_partial(cli_attack_run, tmp_path, monkeypatch, capsys):
   out = tmp_path / "ft"
-  args = ["defend", "--attack-run", str(attack_run), "--out", str(out), *DEFEND]
+  args = ["defend", "--attack-run", str(cli_attack_run), "--out", str(out), *DEFEND]
 
   def full(*_, **__):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
@@ -97,12 +89,12 @@ def test_injected_full_disk_keeps_a_resumable_partial(attack_run, tmp_path, monk
   assert runs.load(out).kind == "defense"
 
 
-def test_injected_read_only_parent(attack_run, tmp_path, monkeypatch, capsys):
+def test_injected_read_only_parent(cli_attack_run, tmp_path, monkeypatch, capsys):
   def read_only(*_, **__):
     raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
   monkeypatch.setattr(checkpoint.os, "open", read_only)
-  assert cli.main(["defend", "--attack-run", str(attack_run), "--out", str(tmp_path / "x"),
+  assert cli.main(["defend", "--attack-run", str(cli_attack_run), "--out", str(tmp_path / "x"),
                    *DEFEND]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "cannot write in" in err[0] and "Read-only file system" in err[0]
