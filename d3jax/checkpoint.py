@@ -14,6 +14,7 @@ keeps per-epoch training states in ``checkpoints/`` of the staging directory
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -107,10 +108,27 @@ def save_run(run_dir: str | Path, variables: PyTree, *, config: dict,
   return save_variables(path.parent, variables, name)
 
 
+# Orbax writes a checkpoint as some 20 small files (metadata, an OCDBT manifest, data), each taking
+# at least one block, next to the arrays' bytes.
+_CHECKPOINT_OVERHEAD_BYTES = 160 * 1024
+
+
+def _require_space(directory: Path, variables: PyTree) -> None:
+  """Raises ENOSPC before orbax starts when ``directory``'s file system cannot hold ``variables``
+  (their bytes, uncompressed, plus the checkpoint's small files): orbax's writer threads meet a
+  full disk mid-write as a ValueError and leave asyncio tracebacks on stderr."""
+  needed = _CHECKPOINT_OVERHEAD_BYTES + sum(
+      int(np.prod(np.shape(leaf))) * np.dtype(getattr(leaf, "dtype", np.float32)).itemsize
+      for leaf in jax.tree_util.tree_leaves(_key_data(variables)))
+  if shutil.disk_usage(directory).free < needed:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(directory))
+
+
 def save_variables(run_dir: str | Path, variables: PyTree, name: str) -> Path:
   """Saves the pytree ``variables`` as the orbax checkpoint ``name`` of ``run_dir`` (every
   process takes part); returns the absolute run directory."""
   path = _checkpoint_path(run_dir, name)
+  _require_space(path.parent, variables)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, variables, force=True)
   return path.parent
@@ -419,7 +437,8 @@ class EpochCheckpoints:
   def __init__(self, directory: str | Path, keep: int = 2):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=False)
-    self._manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    self._directory = Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(self._directory, options=options)
 
   def __enter__(self) -> "EpochCheckpoints":
     return self
@@ -435,6 +454,7 @@ class EpochCheckpoints:
     return self._manager.latest_step()
 
   def save(self, epoch: int, state: PyTree) -> None:
+    _require_space(self._directory, state)
     self._manager.save(epoch, args=ocp.args.StandardSave(_key_data(state)))
     self._manager.wait_until_finished()
 

@@ -346,9 +346,10 @@ def _setup(session: Session) -> None:
     logger.addHandler(_AboveProgressBars())
   if session.compile_cache:
     compile_cache.enable()
-  # orbax and tfds log through absl; an orbax writer thread that fails (a full disk) would print
-  # its traceback before the main thread reports the same error in one line.
-  logging.getLogger("absl").setLevel(logging.CRITICAL)
+  # orbax and tfds log through absl, and orbax's writer tasks through asyncio; one that fails (a
+  # full disk) would print its traceback before the main thread reports the same error in one line.
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def run_command(command: Any) -> None:
@@ -486,15 +487,25 @@ def _interrupted(command: Any, interrupt: KeyboardInterrupt) -> str:
           "to continue after its last saved epoch.")
 
 
-def _storage_fault(command: Any, err: OSError) -> str:
+def _storage_reason(err: BaseException) -> str | None:
+  """The OS message ("No space left on device", ...) when ``err`` is a storage fault, else None.
+  Orbax's tensorstore reports a full disk as a ValueError whose text carries that message."""
+  if isinstance(err, OSError):  # d3jax's own one-line OSErrors carry no errno
+    return err.strerror if err.errno in STORAGE_ERRNOS else None
+  return next((os.strerror(code) for code in STORAGE_ERRNOS if os.strerror(code) in str(err)),
+              None)
+
+
+def _storage_fault(command: Any, err: BaseException, reason: str) -> str:
   """One line for a full disk or read-only file system met while writing a run."""
-  where = f" ({err.filename})" if err.filename else ""
+  filename = getattr(err, "filename", None)
+  where = f" ({filename})" if filename else ""
   out = getattr(getattr(command, "output", None), "out", None) or getattr(command, "out", None)
   kept = ""
   if out is not None and checkpoint.staging_dir(out).is_dir():
     kept = (f"; the partial run is kept in {checkpoint.staging_dir(out)}: free space and run the "
             "same command with --resume")
-  return f"{err.strerror}{where} while writing{' ' + str(out) if out else ''}{kept}."
+  return f"{reason}{where} while writing{' ' + str(out) if out else ''}{kept}."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,15 +530,12 @@ def main(argv: list[str] | None = None) -> int:
     return 130
   except SystemExit as exit_:
     return exit_.code if isinstance(exit_.code, int) else 2
-  except USER_ERRORS as err:
-    if debug:
+  except (*USER_ERRORS, OSError, RuntimeError) as err:
+    reason = _storage_reason(err)
+    if debug or (reason is None and not isinstance(err, USER_ERRORS)):
       raise
-    print(f"d3jax: error: {' '.join(str(err).split())}", file=sys.stderr)
-    return 2
-  except OSError as err:
-    if debug or err.errno not in STORAGE_ERRNOS:
-      raise
-    print(f"d3jax: error: {_storage_fault(command, err)}", file=sys.stderr)
+    line = ' '.join(str(err).split()) if reason is None else _storage_fault(command, err, reason)
+    print(f"d3jax: error: {line}", file=sys.stderr)
     return 2
   finally:
     for signum, handler in previous.items():

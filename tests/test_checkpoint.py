@@ -1,4 +1,5 @@
 """Tests of d3jax.checkpoint: run directories with JSON and orbax checkpoints, no pickle."""
+import errno
 import json
 import pickle
 import pickletools
@@ -255,3 +256,20 @@ def test_run_log_keeps_info_lines_without_the_command_line(tmp_path):
     assert runs.LOG.level == logging.NOTSET
   finally:
     runs.LOG.setLevel(previous)
+
+
+@pytest.mark.parametrize("spare", [0, 160 * 1024 - 1])
+def test_too_little_space_raises_enospc_before_orbax_writes(tmp_path, monkeypatch, spare):
+  """The arrays' bytes plus the checkpoint's small files must fit, else ENOSPC and nothing written."""
+  variables = _init(TinyNet())
+  nbytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(variables))
+  usage = checkpoint.shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda _: usage._replace(free=nbytes + spare))
+  with pytest.raises(OSError) as err:
+    checkpoint.save_variables(tmp_path, variables, "variables")
+  assert err.value.errno == errno.ENOSPC and not (tmp_path / "variables").exists()
+  monkeypatch.setattr(checkpoint.shutil, "disk_usage",
+                      lambda _: usage._replace(free=nbytes + 160 * 1024))
+  checkpoint.save_variables(tmp_path, variables, "variables")
+  _assert_trees_equal(checkpoint.load_variables(tmp_path, variables), variables)

@@ -51,8 +51,9 @@ def _one_error_line(result, text):
   assert "Traceback" not in result.stderr
 
 
-def test_full_disk_then_resume(cli_attack_run, tmpfs):
-  point = tmpfs("size=96k")
+@pytest.mark.parametrize("size", ["96k", "160k"])  # 160k: full midway through orbax's writes
+def test_full_disk_then_resume(cli_attack_run, tmpfs, size):
+  point = tmpfs(f"size={size}")
   before = checkpoint.load_json(cli_attack_run, checkpoint.MANIFEST)
   out = point / "ft"
   args = ["defend", "--attack-run", str(cli_attack_run), "--out", str(out), *DEFEND]
@@ -87,6 +88,23 @@ def test_injected_full_disk_keeps_a_resumable_partial(cli_attack_run, tmp_path, 
   assert checkpoint.staging_dir(out).is_dir() and not out.exists()
   assert cli.main([*args, "--resume"]) == 0
   assert runs.load(out).kind == "defense"
+
+
+def test_tensorstore_full_disk_error_is_one_line_too(cli_attack_run, tmp_path, monkeypatch,
+                                                      capsys):
+  """Orbax's tensorstore reports a full disk as a ValueError (RESOURCE_EXHAUSTED ... No space left on
+  device): the same one line and --resume hint."""
+  out = tmp_path / "ft"
+
+  def full(*_, **__):
+    raise ValueError("RESOURCE_EXHAUSTED: Error writing local file \"manifest.ocdbt\": Failed to "
+                     "write 114 bytes to file 9: No space left on device [os_error_code='28']")
+
+  monkeypatch.setattr(checkpoint, "save_variables", full)
+  assert cli.main(["defend", "--attack-run", str(cli_attack_run), "--out", str(out), *DEFEND]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("d3jax: error: No space left on device while writing")
+  assert "--resume" in err[0]
 
 
 def test_injected_read_only_parent(cli_attack_run, tmp_path, monkeypatch, capsys):
