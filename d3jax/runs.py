@@ -346,12 +346,11 @@ def write_attack(run: AttackRun, out: str | Path, *, overwrite: bool = False, re
   with writer:
     shell = Backdoored(run, dataset, model, None, backdoor_test)
     writer.start(attack_config(run, shell))
-    trained = None
-    if backdoor_test is None:  # the trigger trains with the model (input-aware)
-      def trained(state):
-        return pipeline.trained_backdoor_test(
-            run, dataset, pipeline.trained_trigger(run, dataset, model, state))
-    recorder = Recorder(writer.stage, shell, run.train.epochs, tracking, backdoor_test_of=trained)
+    def trained(state):  # the trigger trains with the model (input-aware)
+      return pipeline.trained_backdoor_test(
+          run, dataset, pipeline.trained_trigger(run, dataset, model, state))
+    recorder = Recorder(writer.stage, shell, run.train.epochs, tracking,
+                        backdoor_test_of=trained if backdoor_test is None else None)
     try:
       backdoored = pipeline.attack(run, progress=tracking.progress, callback=recorder,
                                    restore=recorder.restore, prepared=prepared)

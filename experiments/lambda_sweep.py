@@ -47,7 +47,7 @@ def main() -> None:
   Path(args.out).write_text(
       "# D3 λ sweep on the demo's models (mnist5k, small CNN width 16, 5% reserved, batch 32)\n\n"
       "Command: `.venv/bin/python experiments/lambda_sweep.py` on the 2-core CPU; the λ of one attack "
-      f"trained by `d3jax.sweep` as one vmapped program (" + "; ".join(timings) + ").\n\n" + "\n".join(lines) + "\n")
+      "trained by `d3jax.sweep` as one vmapped program (" + "; ".join(timings) + ").\n\n" + "\n".join(lines) + "\n")
   print("\n".join(lines))
 
 
