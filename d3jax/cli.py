@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     return 130
   except SystemExit as exit_:
     return exit_.code if isinstance(exit_.code, int) else 2
-  except (*USER_ERRORS, OSError, RuntimeError) as err:
+  except (*USER_ERRORS, OSError) as err:
     reason = _storage_reason(err)
     if debug or (reason is None and not isinstance(err, USER_ERRORS)):
       raise

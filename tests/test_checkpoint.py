@@ -258,7 +258,7 @@ def test_run_log_keeps_info_lines_without_the_command_line(tmp_path):
     runs.LOG.setLevel(previous)
 
 
-@pytest.mark.parametrize("spare", [0, 160 * 1024 - 1])
+@pytest.mark.parametrize("spare", [0, checkpoint._CHECKPOINT_OVERHEAD_BYTES - 1])
 def test_too_little_space_raises_enospc_before_orbax_writes(tmp_path, monkeypatch, spare):
   """The arrays' bytes plus the checkpoint's small files must fit, else ENOSPC and nothing written."""
   variables = _init(TinyNet())
@@ -270,6 +270,6 @@ def test_too_little_space_raises_enospc_before_orbax_writes(tmp_path, monkeypatc
     checkpoint.save_variables(tmp_path, variables, "variables")
   assert err.value.errno == errno.ENOSPC and not (tmp_path / "variables").exists()
   monkeypatch.setattr(checkpoint.shutil, "disk_usage",
-                      lambda _: usage._replace(free=nbytes + 160 * 1024))
+                      lambda _: usage._replace(free=nbytes + checkpoint._CHECKPOINT_OVERHEAD_BYTES))
   checkpoint.save_variables(tmp_path, variables, "variables")
   _assert_trees_equal(checkpoint.load_variables(tmp_path, variables), variables)
