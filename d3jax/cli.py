@@ -118,12 +118,15 @@ class DefendCommand:
   session: Annotated[Session, Flat] = Session()
   auto: bool = False
   """choose the swept hyperparameters first, with the reserved held-out split only (no test data):
-  train every --auto-grid point, keep the one that moved farthest from the model among those
-  within --auto-budget of the best held-out accuracy (d3jax.auto)"""
+  train every --auto-grid point and keep one by --auto-rule (d3jax.auto)"""
   auto_grid: tuple[str, ...] = ("lmd=1,10,20,30,40", "eps=0,0.1,0.2,0.3,0.4,0.5")
   """the grid --auto chooses from, as name=v1,v2,... entries (default: the paper's Tables 6–7)"""
+  auto_rule: Optional[Literal["strongest", "farthest"]] = None
+  """--auto: ``strongest`` (the smallest λ whose held-out accuracy is within three standard errors
+  of the grid's best; the default when the grid sweeps lmd) or ``farthest`` (the candidate that
+  moved farthest among those within --auto-budget of the best; the default otherwise)"""
   auto_budget: float = 0.02
-  """--auto: held-out accuracy a candidate may lose against the grid's best (a fraction)"""
+  """--auto-rule farthest: held-out accuracy a candidate may lose against the grid's best"""
 
   def settings(self) -> dict:
     return {"defense": defense_name(self.defense), "config": dataclasses.asdict(self.defense),
@@ -457,13 +460,14 @@ def _auto_config(command: DefendCommand, source: runs.LoadedRun, progress: bool)
   _, log = d3jax.auto(defense_name(command.defense), backdoored.model, backdoored.variables,
                       images, labels, *heldout, normalization=backdoored.normalization,
                       key=defense_key(command.reserved), grid=parse_grid(command.auto_grid),
-                      config=command.defense, budget=command.auto_budget, progress=progress)
+                      config=command.defense, rule=command.auto_rule,
+                      budget=command.auto_budget, progress=progress)
   swept = list(log["grid"])
   print(format_grid_table(log["candidates"], swept, ("heldout_acc", "distance")))
   chosen = log["candidates"][log["chosen"]]
   print("auto: chose " + ", ".join(f"{k}={chosen[k]:g}" for k in swept) +
         f" (held-out accuracy {100 * chosen['heldout_acc']:.2f}%, best "
-        f"{100 * log['reference_acc']:.2f}%, budget {100 * log['budget']:.2f} points)")
+        f"{100 * log['reference_acc']:.2f}%, rule {log['rule']})")
   return log["config"]
 
 

@@ -11,7 +11,7 @@ import pytest
 import d3jax
 from d3jax import train
 from d3jax.defenses import D3Config, defend
-from d3jax.auto_choice import choose
+from d3jax.auto_choice import choose, choose_strongest
 
 NORM = train.Normalization((0.5,), (0.5,))
 FORBIDDEN = ("test", "trigger", "target", "backdoor", "poison", "asr")
@@ -28,6 +28,22 @@ def test_choose_takes_the_farthest_candidate_within_budget_of_the_best():
     choose(acc, dist, -0.1)
   with pytest.raises(ValueError, match="one held-out accuracy and one distance"):
     choose(acc, dist[:2], 0.1)
+
+
+def test_choose_strongest_takes_the_smallest_lambda_within_three_standard_errors():
+  # n = 100, best 0.90: budget 3·sqrt(2·0.9·0.1/100) = 0.127, so 0.78 qualifies and 0.77 does not.
+  lmd = [0.5, 0.5, 1.0, 10.0]
+  assert choose_strongest([0.77, 0.76, 0.80, 0.90], lmd, 100) == 2
+  assert choose_strongest([0.78, 0.79, 0.80, 0.90], lmd, 100) == 1  # best of the smallest λ
+  assert choose_strongest([0.78, 0.79, 0.80, 0.90], lmd, 100, standard_errors=0) == 3
+  # The budget shrinks with more held-out images: at n = 10 000 it is 0.0127.
+  assert choose_strongest([0.88, 0.88, 0.89, 0.90], lmd, 10_000) == 2
+  # At 100% held-out accuracy the budget is that of one image in n, not zero.
+  assert choose_strongest([0.975, 0.95, 1.0, 1.0], lmd, 40) == 0
+  with pytest.raises(ValueError, match="one held-out accuracy and one λ"):
+    choose_strongest([0.9], lmd, 100)
+  with pytest.raises(ValueError, match="n_heldout"):
+    choose_strongest([0.9] * 4, lmd, 0)
 
 
 def test_auto_takes_no_test_data_trigger_or_target():
@@ -56,8 +72,9 @@ def test_auto_never_calls_evaluation_and_returns_the_chosen_run(model, variables
   candidates = log["candidates"]
   assert [(c["lmd"], c["eps"]) for c in candidates] == [(0.5, 0.0), (0.5, 0.3), (10.0, 0.0),
                                                         (10.0, 0.3)]
-  index = choose([c["heldout_acc"] for c in candidates], [c["distance"] for c in candidates], 0.1)
-  assert log["chosen"] == index
+  index = choose_strongest([c["heldout_acc"] for c in candidates], [c["lmd"] for c in candidates],
+                           len(y[30:]))
+  assert log["rule"] == "strongest" and log["chosen"] == index
   assert log["config"] == dataclasses.replace(config, lmd=candidates[index]["lmd"],
                                               eps=candidates[index]["eps"])
   alone, _ = defend("d3", model, variables, x[:30], y[:30], normalization=NORM, key=rbg_key,
@@ -70,3 +87,13 @@ def test_auto_needs_a_grid_for_defenses_other_than_d3(model, variables, tiny_set
   x, y = tiny_set
   with pytest.raises(ValueError, match="auto needs a grid"):
     d3jax.auto("ft", model, variables, x, y, x, y, normalization=NORM, key=rbg_key)
+
+
+def test_auto_rejects_an_unknown_rule_and_strongest_without_lambda(model, variables, tiny_set,
+                                                                   rbg_key):
+  x, y = tiny_set
+  with pytest.raises(ValueError, match="unknown auto rule 'best'"):
+    d3jax.auto("d3", model, variables, x, y, x, y, normalization=NORM, key=rbg_key, rule="best")
+  with pytest.raises(ValueError, match="strongest rule chooses by λ"):
+    d3jax.auto("d3", model, variables, x, y, x, y, normalization=NORM, key=rbg_key,
+               grid={"eps": [0.0, 0.1]}, rule="strongest")

@@ -1,0 +1,122 @@
+"""The scale ladder: where does D3 begin to behave as in the paper?
+
+Backdoored PreAct-ResNet18s of increasing width (so of increasing clean accuracy) on the CIFAR-10
+subset, the same attack recipe at every width (the one of experiments/results/table_cifar: 20
+epochs, SGD lr 0.05 with cosine decay, batch 128, flips, no crop), and on each model the same
+reserved set (5% of the training set, seed 0, 20% of it held out) defended by FT, FT-SAM and D3
+over a λ grid at ε = 0.1 (one vmapped program, :func:`d3jax.sweep.sweep`). The grid holds the
+paper preset (λ = 10) and the official preset (λ = 0.5): both are D3's published defaults with
+only λ changed. The test-free choice (``d3jax.auto_choice``) picks from the same grid with the
+held-out part only; the ASR/ACC of every grid point is recorded for evaluation.
+
+Usage (from the repository root; one process per attack, one core each):
+  taskset -c 0 .venv/bin/python experiments/ladder/run.py --attacks badnets &
+  taskset -c 1 .venv/bin/python experiments/ladder/run.py --attacks blended &
+Every attack at every width is trained first, then the defenses, narrowest model first. Writes
+OUT/ladder.json (every measurement; a rerun skips what is there) and, with --report,
+OUT/ladder.md and OUT/ladder.png (DER and ASR against the backdoored model's ACC per defense).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fcntl
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from d3jax import compile_cache, pipeline, runs
+from d3jax.attacks.training import AttackTrainConfig
+from d3jax.defenses import D3Config, FTConfig
+from d3jax.defenses.ft_sam import FTSAMConfig
+from d3jax.metrics import der
+from d3jax.sweep import sweep
+from d3jax.sweep_runs import defense_key, measure_runs
+
+CIFAR = Path("../shared/data/cifar10_10k_jpegsrc.npz")
+TRAIN = AttackTrainConfig(epochs=20, cosine_t_max=20, learning_rate=0.05, crop_padding=0, flip=True)
+LAMBDAS = (0.5, 1.0, 10.0)
+FIXED = {"ft": FTConfig(), "ft-sam": FTSAMConfig()}
+
+
+def attack_run(out: Path, attack: str, width: int) -> runs.LoadedRun:
+  path = out / "runs" / f"w{width}-{attack}"
+  if (path / "config.json").exists():
+    return runs.load(path)
+  run = pipeline.AttackRun(dataset=f"npz:{CIFAR.resolve()}", model="preact_resnet18",
+                           model_options={"width": width}, attack=attack, train=TRAIN)
+  loaded, _ = runs.write_attack(run, path, tracking=runs.Tracking(eval_every=0, progress=False))
+  return loaded
+
+
+def defend_case(backdoored: pipeline.Backdoored, defense: str, epochs: int) -> dict:
+  """One defense (``ft``, ``ft-sam``, or ``d3`` for the whole λ grid) on the case's reserved set."""
+  split = pipeline.ReservedSplit(ratio=0.05, holdout=0.2, seed=0)
+  (images, labels), heldout = split.draw(backdoored.dataset)
+  before = backdoored.baseline
+  start = time.perf_counter()
+  if defense == "d3":
+    config = dataclasses.replace(D3Config.preset("paper"), epochs=epochs)
+    defended, _ = sweep("d3", backdoored.model, backdoored.variables, images, labels,
+                        normalization=backdoored.normalization, key=defense_key(split),
+                        grid={"lmd": list(LAMBDAS)}, config=config, progress=False)
+    measured = measure_runs(backdoored, config, defended, heldout, progress=False)
+    return {"lmd": list(LAMBDAS), **measured, "wall_s": time.perf_counter() - start}
+  config = dataclasses.replace(FIXED[defense], epochs=epochs)
+  variables, _ = pipeline.defend_model(backdoored, defense, config, images, labels, seed=0,
+                                       progress=False)
+  measured = backdoored.measure(variables)
+  return {"acc": measured.acc, "asr": measured.asr, "ra": measured.ra,
+          "der": der(before.acc, before.asr, measured.acc, measured.asr),
+          "wall_s": time.perf_counter() - start}
+
+
+def record(path: Path, key: str, value: dict) -> None:
+  """Adds one entry to the shared JSON (two processes write it; a lock keeps both entries)."""
+  with open(path.with_suffix(".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results[key] = value
+    path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", type=Path, default=Path("experiments/results/ladder"))
+  parser.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16])
+  parser.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+  parser.add_argument("--defenses", nargs="+", default=["ft", "ft-sam", "d3"])
+  parser.add_argument("--epochs", type=int, default=100, help="every defense's epochs")
+  args = parser.parse_args()
+  compile_cache.enable()
+  args.out.mkdir(parents=True, exist_ok=True)
+  results_path = args.out / "ladder.json"
+  models = {}
+  for width in args.widths:
+    for attack in args.attacks:
+      start = time.perf_counter()
+      loaded = attack_run(args.out, attack, width)
+      models[width, attack] = loaded.backdoored
+      key = f"w{width}/{attack}/none"
+      done = json.loads(results_path.read_text()) if results_path.exists() else {}
+      if key not in done:
+        record(results_path, key, {**loaded.backdoored.baseline._asdict(),
+                                   "wall_s": time.perf_counter() - start})
+      print(f"attack w{width} {attack}: {loaded.backdoored.baseline}", flush=True)
+  for width in args.widths:
+    for attack in args.attacks:
+      for defense in args.defenses:
+        key = f"w{width}/{attack}/{defense}"
+        if key in (json.loads(results_path.read_text()) if results_path.exists() else {}):
+          continue
+        result = defend_case(models[width, attack], defense, args.epochs)
+        record(results_path, key, result)
+        print(f"{key}: ACC {np.round(100 * np.asarray(result['acc']), 1)} "
+              f"ASR {np.round(100 * np.asarray(result['asr']), 1)} ({result['wall_s']:.0f} s)",
+              flush=True)
+
+
+if __name__ == "__main__":
+  main()
