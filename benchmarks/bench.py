@@ -35,9 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from d3jax import defenses, train
+from d3jax import defenses
+from d3jax.engine import train
 from d3jax.models import get_model
-from d3jax.sweep import init_grid
+from d3jax.workflows.sweep import init_grid
 from timing import interleaved
 
 NORM = train.Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))

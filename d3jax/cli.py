@@ -33,14 +33,17 @@ import yaml
 from tqdm import tqdm
 
 import d3jax
-from d3jax import attacks, checkpoint, compile_cache, defenses, imported_runs, pipeline, runs
-from d3jax import table as table_runner
+from d3jax import attacks, defenses
+from d3jax.rundirs import checkpoint, imported_runs, runs
+from d3jax.engine import compile_cache
+from d3jax.workflows import pipeline
+from d3jax.studies import table as table_runner
 from d3jax.analysis.grid import format_grid_table
 from d3jax.analysis.run import ANALYSES, analyze, defense_labels
-from d3jax.pipeline import AttackRun, ReservedSplit, from_dict
+from d3jax.workflows.pipeline import AttackRun, ReservedSplit, from_dict
 from d3jax.progress import clear_stop, request_stop, stop_requested
-from d3jax.sweep import parse_grid
-from d3jax.sweep_runs import defense_key, write_sweep
+from d3jax.workflows.sweep import parse_grid
+from d3jax.studies.sweep_runs import defense_key, write_sweep
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, PermissionError)
 # Storage faults: reported in one line like user errors (the run directory stays consistent).
@@ -432,7 +435,7 @@ def run_command(command: Any) -> None:
     for warning in loaded.metrics.get("warnings", []):
       print(f"warning: {warning}")
   else:
-    from d3jax.demo import run_demo  # pylint: disable=import-outside-toplevel
+    from d3jax.workflows.demo import run_demo  # pylint: disable=import-outside-toplevel
     run_demo(command.out, progress=progress)
 
 

@@ -13,9 +13,9 @@ WALKTHROUGH = [
     ("md", "# d3jax walkthrough: backdoor a model, detoxify it with D3\n\n"
            "Everything here runs offline on scikit-learn's digits (16×16 after upsampling), in about a "
            "minute on a laptop CPU. The defense sees only the model and a small clean reserved set."),
-    ("code", "import os\nimport tempfile\nimport jax\nimport numpy as np\nfrom d3jax import data, models, attacks, defenses, metrics, pipeline, optim\n"
+    ("code", "import os\nimport tempfile\nimport jax\nimport numpy as np\nfrom d3jax import data, models, attacks, defenses, metrics, optim\nfrom d3jax.workflows import pipeline\n"
              "from d3jax.attacks.training import AttackTrainConfig, train_backdoored\n"
-             "from d3jax.train import Normalization\n\n"
+             "from d3jax.engine.train import Normalization\n\n"
              "QUICK = bool(os.environ.get('D3JAX_QUICK'))  # the test suite runs every loop for one epoch\n"
              "ds = data.load_dataset('digits')\nnorm = Normalization(ds.mean, ds.std)\n"
              "print(ds.x_train.shape, ds.x_test.shape, ds.num_classes)"),
@@ -29,7 +29,7 @@ WALKTHROUGH = [
              "epochs = 1 if QUICK else 10\n"
              "config = AttackTrainConfig(epochs=epochs, learning_rate=0.1, batch_size=64, cosine_t_max=epochs, crop_padding=1)\n"
              "backdoored, losses = train_backdoored(model, train_set, norm, config, jax.random.key(1), progress=False)\n"
-             "from d3jax.evaluation import evaluate\n"
+             "from d3jax.workflows.evaluation import evaluate\n"
              "before = evaluate(model, backdoored, ds.x_test, ds.y_test, bd_test, norm)\nbefore"),
     ("md", "## 2. Defend with FT and D3 on a 10% clean reserved set\n\n"
            "D3's `paper` preset: λ = 10, ε = 0.1, Frobenius distance on the head `linear/kernel`, random warm-up."),
@@ -127,7 +127,7 @@ ANALYSES = [
            "backdoor test set: they are evaluation tools, no defense calls them. The same pictures come from "
            "the command line: `d3jax analyze ATTACK_RUN --defended FT_RUN D3_RUN`."),
     ("code", "import os\nimport tempfile\nimport jax\nimport numpy as np\nfrom IPython.display import Image, display\n"
-             "from d3jax import analysis, metrics, pipeline\nfrom d3jax.sweep import aggregate, sweep\nfrom d3jax.attacks.training import AttackTrainConfig\n"
+             "from d3jax import analysis, metrics\nfrom d3jax.workflows import pipeline\nfrom d3jax.workflows.sweep import aggregate, sweep\nfrom d3jax.attacks.training import AttackTrainConfig\n"
              "from d3jax.defenses import D3Config, FTConfig\n\n"
              "QUICK = bool(os.environ.get('D3JAX_QUICK'))  # the test suite runs everything for one epoch\n"
              "epochs = 1 if QUICK else 12\n"

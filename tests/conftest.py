@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from d3jax import metrics, train
+from d3jax import metrics
+from d3jax.engine import train
 from d3jax.attacks import BadNets, poison_dataset
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored
 from d3jax.data import draw_reserved, subset

@@ -7,11 +7,12 @@ import numpy as np
 import optax
 import pytest
 
-from d3jax import analysis, train
+from d3jax import analysis
+from d3jax.engine import train
 from d3jax.analysis.data import Paired
 from d3jax.analysis.grid import heatmap_figure
 from d3jax.metrics import accuracy
-from d3jax.sweep import aggregate
+from d3jax.workflows.sweep import aggregate
 
 NORM = train.Normalization((0.5,), (0.5,))
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import train
+from d3jax.engine import train
 from d3jax.attacks import CleanModel, get
 from d3jax.attacks.clean import unit
 from d3jax.attacks.lf import generate_pattern, targeted_deepfool

@@ -3,7 +3,8 @@ train a few epochs, and check the backdoor is learned (ASR at least five times t
 import numpy as np
 import pytest
 
-from d3jax import attacks, metrics, train
+from d3jax import attacks, metrics
+from d3jax.engine import train
 from d3jax.attacks import backdoor_test_set, get, poison_dataset, poison_multi
 from d3jax.attacks.adaptive import SAMProgram
 from d3jax.attacks.training import AttackTrainConfig, train_backdoored, train_clean

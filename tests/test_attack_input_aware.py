@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import checkpoint, metrics, train
+from d3jax import metrics
+from d3jax.rundirs import checkpoint
+from d3jax.engine import train
 from d3jax.attacks import apply_trigger, backdoor_test_set, get
 from d3jax.attacks.input_aware import (Generator, InputAwareTraining, blend, diversity_loss,
                                        poison_rows, source_rows, threshold)

@@ -4,7 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from d3jax import cli, metrics, runs, train
+from d3jax import cli, metrics
+from d3jax.rundirs import runs
+from d3jax.engine import train
 from d3jax.attacks import get, poison_dataset
 from d3jax.attacks.poison import Replacement
 from d3jax.attacks.training import AttackTrainConfig, attack_sets, build_trigger, train_backdoored

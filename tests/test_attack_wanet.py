@@ -7,7 +7,7 @@ from d3jax.attacks import get
 from d3jax.attacks.wanet import WaNetProgram, WaNetTraining, poison_batch
 from d3jax.attacks.warp import warp as warp_eager
 from d3jax.models import get_model
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 warp = jax.jit(warp_eager)

@@ -1,4 +1,4 @@
-"""Tests of d3jax.checkpoint: run directories with JSON and orbax checkpoints, no pickle."""
+"""Tests of d3jax.rundirs.checkpoint: run directories with JSON and orbax checkpoints, no pickle."""
 import errno
 import json
 import pickle
@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import checkpoint
+from d3jax.rundirs import checkpoint
 
 
 class TinyNet(nn.Module):
@@ -213,7 +213,7 @@ def test_epoch_checkpoints_round_trip_typed_keys_and_keep_the_last(tmp_path):
 def test_runs_checkpoint_by_elapsed_time(tmp_path, every_s, saved):
   """A run saves its state after an epoch only when checkpoint_every_s has passed (0: always);
   the last epoch is always saved (not reached here: 2 of 3 epochs)."""
-  from d3jax import runs  # pylint: disable=import-outside-toplevel
+  from d3jax.rundirs import runs  # pylint: disable=import-outside-toplevel
   state = _StateLike(_init(TinyNet())["params"], jnp.int32(0))
   recorder = runs.Recorder(tmp_path, None, 3, runs.Tracking(eval_every=0, progress=False,
                                                            checkpoint_every_s=every_s))
@@ -236,7 +236,7 @@ class _StateLike:
 
 
 def test_tracking_rejects_a_negative_checkpoint_interval():
-  from d3jax import runs  # pylint: disable=import-outside-toplevel
+  from d3jax.rundirs import runs  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match="checkpoint_every_s must be"):
     runs.Tracking(checkpoint_every_s=-1)
 
@@ -245,7 +245,7 @@ def test_run_log_keeps_info_lines_without_the_command_line(tmp_path):
   """A run written through the Python API (no ``d3jax`` command to set the logger's level) still
   gets its INFO lines in log.txt, and the logger's own level is restored afterwards."""
   import logging  # pylint: disable=import-outside-toplevel
-  from d3jax import runs  # pylint: disable=import-outside-toplevel
+  from d3jax.rundirs import runs  # pylint: disable=import-outside-toplevel
   previous = runs.LOG.level
   runs.LOG.setLevel(logging.NOTSET)
   try:

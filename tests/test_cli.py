@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import yaml
 
-from d3jax import checkpoint, cli, curves, runs
-from d3jax.pipeline import AttackRun
+from d3jax import cli
+from d3jax.rundirs import checkpoint, curves, runs
+from d3jax.workflows.pipeline import AttackRun
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dataset", "digits", "--model-options", "width", "4", "--epochs", "1",
@@ -412,7 +413,7 @@ def test_readme_example_runs_and_moves_the_head():
 def test_demo_writes_the_results_table(tmp_path, monkeypatch):
   """The demo's results.json has one 'none' row and one row per defense for each attack."""
   import dataclasses
-  from d3jax import demo
+  from d3jax.workflows import demo
   from d3jax.attacks.training import AttackTrainConfig
   from d3jax.defenses import D3Config, FTConfig
   tiny = dataclasses.replace(demo.DEMO_RUN, dataset="digits", model_options={"width": 4},

@@ -7,8 +7,9 @@ import sys
 import jax
 import pytest
 
-from d3jax import compile_cache, defenses, train
-from d3jax.sweep import sweep
+from d3jax import defenses
+from d3jax.engine import compile_cache, train
+from d3jax.workflows.sweep import sweep
 
 NORM = train.Normalization((0.5,), (0.5,))
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -96,7 +97,8 @@ def test_persistent_cache_serves_a_second_process(tmp_path):
   """A second process with the cache enabled loads the defense's programs instead of compiling."""
   script = f"""
 import jax, numpy as np
-from d3jax import compile_cache, defenses, train
+from d3jax import defenses
+from d3jax.engine import compile_cache, train
 from d3jax.models import get_model
 compile_cache.enable({str(tmp_path)!r}, min_compile_time_s=0.0)
 hits = []

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from d3jax import checkpoint, runs
+from d3jax.rundirs import checkpoint, runs
 
 pytestmark = pytest.mark.slow
 
@@ -46,11 +46,11 @@ def test_lock_is_per_process_and_released_on_exit(tmp_path):
   checkpoint.lock_run(out)
   checkpoint.lock_run(out)  # a no-op: this process holds it
   probe = subprocess.run(
-      [sys.executable, "-c", "import sys; from pathlib import Path; from d3jax import checkpoint; "
+      [sys.executable, "-c", "import sys; from pathlib import Path; from d3jax.rundirs import checkpoint; "
        f"checkpoint.check_unlocked(Path({str(out)!r}))"], capture_output=True, text=True)
   assert probe.returncode != 0 and "being written by another d3jax process" in probe.stderr
   checkpoint.unlock_run(out)
   probe = subprocess.run(
-      [sys.executable, "-c", "from pathlib import Path; from d3jax import checkpoint; "
+      [sys.executable, "-c", "from pathlib import Path; from d3jax.rundirs import checkpoint; "
        f"checkpoint.check_unlocked(Path({str(out)!r}))"], capture_output=True, text=True)
   assert probe.returncode == 0, probe.stderr

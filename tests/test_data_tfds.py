@@ -11,7 +11,8 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from d3jax import cli, data, runs  # noqa: E402
+from d3jax import cli, data
+from d3jax.rundirs import runs  # noqa: E402
 
 CLASSES = 4
 

@@ -270,7 +270,7 @@ def test_staged_defenses_have_no_single_program():
 
 def test_nft_and_ft_sam_run_in_their_programs():
   from d3jax.defenses.nft import NFTProgram
-  from d3jax.sharpness import SAMProgram
+  from d3jax.engine.sharpness import SAMProgram
   assert type(defenses.program("nft", None, None)) is NFTProgram
   assert type(defenses.program("ft-sam", None, None)) is SAMProgram
   assert defenses.program("ft-sam", None, None, FTSAMConfig(rho=3.0)) == defenses.program("ft-sam", None, None)

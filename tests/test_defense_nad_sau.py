@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from d3jax import defenses, train
+from d3jax import defenses
+from d3jax.engine import train
 from d3jax.defenses.features import apply_recording
 from d3jax.defenses.nad import NADConfig, NADProgram, attention_loss, attention_map, default_layers
 from d3jax.defenses.sau import SAUProgram, js_divergence, pgd_loss, shared_loss, shared_pgd

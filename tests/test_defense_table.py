@@ -1,13 +1,15 @@
-"""Tests of d3jax.table: the cell summaries over seeds, the Table-1 text layout and its marks,
+"""Tests of d3jax.studies.table: the cell summaries over seeds, the Table-1 text layout and its marks,
 the spec's checks, and a tiny table that is reused (never retrained) when run again."""
 import json
 
 import numpy as np
 import pytest
 
-from d3jax import cli, defenses, runs, table
+from d3jax import cli, defenses
+from d3jax.rundirs import runs
+from d3jax.studies import table
 from d3jax.attacks.training import AttackTrainConfig
-from d3jax.table import TableSpec
+from d3jax.studies.table import TableSpec
 
 
 def _row(seed, attack, defense, acc, asr, der):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import defenses, metrics, train
+from d3jax import defenses, metrics
+from d3jax.engine import train
 from d3jax.defenses import D3Config, FTConfig, defend
 from d3jax.defenses.d3 import warm_start
 from d3jax.optim import tensor_norm

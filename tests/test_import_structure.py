@@ -130,10 +130,30 @@ def test_relative_imports_and_implicit_parents_resolve(tmp_path):
 
 def test_the_import_graph_has_no_cycle():
   graph = import_graph()
-  assert "d3jax.defenses" in graph and "d3jax.auto_choice" in graph
+  assert "d3jax.defenses" in graph and "d3jax.workflows.auto_choice" in graph
   found = cycles(graph)
   assert not found, "import cycles (each line one strongly connected component):\n" + "\n".join(
       " ↔ ".join(component) for component in found)
+
+
+# The layers of docs/architecture.md: a unit (a top-level module or subpackage) imports only units
+# of its own rank or below.
+RANKS = {"d3jax.data": 0, "d3jax.models": 0, "d3jax.reductions": 0, "d3jax.metrics": 0,
+         "d3jax.progress": 0, "d3jax.optim": 1, "d3jax.engine": 2, "d3jax.attacks": 3,
+         "d3jax.defenses": 3, "d3jax.interop": 3, "d3jax.workflows": 4, "d3jax.rundirs": 5,
+         "d3jax.analysis": 6, "d3jax.studies": 7, "d3jax": 8, "d3jax.cli": 9, "d3jax.__main__": 10}
+
+
+def unit(module: str) -> str:
+  return ".".join(module.split(".")[:2])
+
+
+def test_every_unit_has_a_layer_and_imports_point_down():
+  graph = import_graph()
+  assert {unit(m) for m in graph} == set(RANKS), "a unit without a layer in RANKS (and the docs)"
+  upward = [f"{a} → {b}" for a, targets in graph.items() for b in targets
+            if RANKS[unit(b)] > RANKS[unit(a)]]
+  assert not upward, "imports pointing up a layer:\n" + "\n".join(sorted(upward))
 
 
 def test_no_defense_imports_a_model_module():

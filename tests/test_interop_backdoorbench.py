@@ -13,7 +13,8 @@ from PIL import Image
 
 torch = pytest.importorskip("torch")
 
-from d3jax import cli, imported_runs, runs  # noqa: E402
+from d3jax import cli
+from d3jax.rundirs import imported_runs, runs  # noqa: E402
 from d3jax.data import load_dataset  # noqa: E402
 from d3jax.interop.torch_models import PreActResNet18  # noqa: E402
 

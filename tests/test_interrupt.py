@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from d3jax import checkpoint, cli, runs
+from d3jax import cli
+from d3jax.rundirs import checkpoint, runs
 
 pytestmark = pytest.mark.slow
 DEFEND = ["--quiet", "--checkpoint-every", "0", "ft", "--epochs", "150", "--batch-size", "32",

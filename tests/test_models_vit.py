@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from d3jax import cli, runs
+from d3jax import cli
+from d3jax.rundirs import runs
 from d3jax.models import get_model
 from d3jax.models.vit import SelfAttention
 

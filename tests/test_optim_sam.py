@@ -11,7 +11,7 @@ from d3jax.attacks.adaptive import SAMProgram, SAMTraining
 from d3jax.optim.sam import adaptive_sam
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.models import get_model
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 def test_asam_ascent_and_descent_formulas():
@@ -61,7 +61,7 @@ def test_adaptive_attack_config_and_program(rbg_key):
   # One SAM step moves the params, advances the step count once, and keeps the first pass's BN stats.
   model = get_model("small_cnn", 4, width=4)
   program = SAMProgram(model, recipe, Normalization((0.5,), (0.5,)))
-  from d3jax import train  # pylint: disable=import-outside-toplevel
+  from d3jax.engine import train  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
   labels = (np.arange(8) % 4).astype(np.int32)

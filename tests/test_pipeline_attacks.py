@@ -7,10 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from d3jax import attacks, cli, curves, pipeline, runs
+from d3jax import attacks, cli
+from d3jax.rundirs import curves, runs
+from d3jax.workflows import pipeline
 from d3jax.attacks import untargeted_success_rate
-from d3jax.pipeline import AttackRun
-from d3jax.train import predict
+from d3jax.workflows.pipeline import AttackRun
+from d3jax.engine.train import predict
 
 TINY = ["--dataset", "digits", "--model-options", "width", "4", "--epochs", "1", "--batch-size", "64",
         "--eval-every", "0", "--quiet"]

@@ -10,9 +10,10 @@ SCRIPT = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh
-from d3jax import defenses, train
+from d3jax import defenses
+from d3jax.engine import train
 from d3jax.models import get_model
-from d3jax.sweep import init_grid, shard_grid, sweep
+from d3jax.workflows.sweep import init_grid, shard_grid, sweep
 
 norm = train.Normalization((0.5,), (0.5,))
 model = get_model('small_cnn', 10, width=4)

@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from d3jax import checkpoint, cli, runs
+from d3jax import cli
+from d3jax.rundirs import checkpoint, runs
 
 pytestmark = pytest.mark.slow
 DEFEND = ["--quiet", "ft", "--epochs", "2", "--batch-size", "32", "--reserved.ratio", "0.1"]

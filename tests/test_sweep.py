@@ -1,13 +1,13 @@
-"""Grids of defense runs trained at once (d3jax.sweep) against the same runs done one by one."""
+"""Grids of defense runs trained at once (d3jax.workflows.sweep) against the same runs done one by one."""
 import dataclasses
 
 import jax
 import numpy as np
 import pytest
 
-from d3jax import train
+from d3jax.engine import train
 from d3jax.defenses import D3Config, FTConfig, defend
-from d3jax.sweep import grid_points, sweep
+from d3jax.workflows.sweep import grid_points, sweep
 
 NORM = train.Normalization((0.5,), (0.5,))
 

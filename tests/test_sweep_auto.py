@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import d3jax
-from d3jax import train
+from d3jax.engine import train
 from d3jax.defenses import D3Config, defend
-from d3jax.auto_choice import choose, choose_strongest
+from d3jax.workflows.auto_choice import choose, choose_strongest
 
 NORM = train.Normalization((0.5,), (0.5,))
 FORBIDDEN = ("test", "trigger", "target", "backdoor", "poison", "asr")
@@ -59,7 +59,7 @@ def test_auto_never_calls_evaluation_and_returns_the_chosen_run(model, variables
   are the run `defend` gives with the chosen config and the same key."""
   def forbidden(*args, **kwargs):
     raise AssertionError("the auto rule read evaluation-only data")
-  for module, name in (("d3jax.evaluation", "evaluate"), ("d3jax.metrics", "attack_success_rate"),
+  for module, name in (("d3jax.workflows.evaluation", "evaluate"), ("d3jax.metrics", "attack_success_rate"),
                        ("d3jax.metrics", "robust_accuracy"), ("d3jax.attacks.poison", "apply_trigger"),
                        ("d3jax.attacks.poison", "backdoor_test_set")):
     monkeypatch.setattr(importlib.import_module(module), name, forbidden)

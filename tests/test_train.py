@@ -1,4 +1,4 @@
-"""Tests of d3jax.train: batch plans, the per-epoch cosine, PyTorch-style SGD, the engine (state,
+"""Tests of d3jax.engine.train: batch plans, the per-epoch cosine, PyTorch-style SGD, the engine (state,
 run vs fit, resume, grids, masking, BN modes, NaN check) and batched prediction."""
 import math
 
@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from d3jax import train
+from d3jax.engine import train
 from d3jax.data import normalize
 
 NORM = train.Normalization((0.5,), (0.5,))
@@ -194,7 +194,7 @@ def test_runs_are_deterministic_per_key(model, variables, tiny_set, rbg_key):
 def test_vmapped_grid_matches_runs_alone(model, variables, tiny_set, rbg_key):
   """A grid of states (shared key, stacked hyperparameters) trained by one vmapped epoch equals
   each run trained alone."""
-  from d3jax.sweep import init_grid
+  from d3jax.workflows.sweep import init_grid
   x, y = map(jnp.asarray, tiny_set)
   program = train.Program(model, sgd(learning_rate=0.1), NORM)
   axes = train.grid_axes()

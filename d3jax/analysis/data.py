@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from d3jax.pipeline import Backdoored
+from d3jax.workflows.pipeline import Backdoored
 
 
 class Paired(NamedTuple):

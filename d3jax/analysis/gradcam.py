@@ -21,7 +21,7 @@ from d3jax.analysis.data import Paired
 from d3jax.analysis.plotting import pyplot, save
 from d3jax.analysis.probe import apply_probed
 from d3jax.data.augment import normalize
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layer"))

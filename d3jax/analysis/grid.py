@@ -1,6 +1,6 @@
 """A hyperparameter grid read as the paper reads it: the Tables 6–7 layout and ACC/ASR heat maps.
 
-Rows come from :func:`d3jax.sweep.aggregate`: the swept hyperparameters, then each measured
+Rows come from :func:`d3jax.workflows.sweep.aggregate`: the swept hyperparameters, then each measured
 column as a mean over seeds with ``<column>_std`` beside it. Fractions are shown in percent.
 """
 from __future__ import annotations

@@ -25,7 +25,7 @@ import optax
 
 from d3jax.analysis.plotting import pyplot, save
 from d3jax.data.augment import normalize
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 TINY_VARIANCE = 1e-12  # floor under running variances before the log (BN adds ε = 1e-5 anyway)
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from d3jax.data.augment import normalize
 from d3jax.models.conv import Conv
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 HEAD = "linear"  # every d3jax model's classifier head; its input is the penultimate feature
 

@@ -17,7 +17,7 @@ from d3jax.analysis.tac import plot_tac
 from d3jax.analysis.tsne import plot_tsne
 from d3jax.analysis.weights import plot_weight_differences
 from d3jax.progress import progress_bar
-from d3jax.runs import LoadedRun
+from d3jax.rundirs.runs import LoadedRun
 
 ANALYSES = ("path", "weights", "tsne", "gradcam", "tac")
 NEEDS_DEFENSE = ("path", "weights")

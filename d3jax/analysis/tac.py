@@ -18,7 +18,7 @@ import numpy as np
 from d3jax.analysis.data import Paired
 from d3jax.analysis.plotting import pyplot, save
 from d3jax.analysis.probe import activations
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 def trigger_activation_change(model: Any, variables: Any, data: Paired, normalization: Normalization,

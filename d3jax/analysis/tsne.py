@@ -17,7 +17,7 @@ import numpy as np
 from d3jax.analysis.data import Paired
 from d3jax.analysis.plotting import pyplot, save
 from d3jax.analysis.probe import penultimate
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 def embed(features: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -15,8 +15,8 @@ from d3jax.attacks.data_poisoning import POISONING, build
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.attacks.triggers import ImageShape, Trigger
 from d3jax.optim.sam import adaptive_sam
-from d3jax.sharpness import SAMProgram
-from d3jax.train import Hyperparams, Normalization
+from d3jax.engine.sharpness import SAMProgram
+from d3jax.engine.train import Hyperparams, Normalization
 
 
 @dataclasses.dataclass(frozen=True)

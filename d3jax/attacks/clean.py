@@ -11,7 +11,7 @@ import numpy as np
 
 from d3jax.data.augment import normalize
 from d3jax.data.dataset import validate_images, validate_labels
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 class CleanModel(NamedTuple):

@@ -35,7 +35,7 @@ from d3jax.data.augment import augment, normalize
 from d3jax.models.conv import LOWERINGS, Conv, max_pool_2x2
 from d3jax.progress import progress_bar
 from d3jax.reductions import masked_mean
-from d3jax.train import (Batch, Hyperparams, Normalization, Program, PyTree, TrainState,
+from d3jax.engine.train import (Batch, Hyperparams, Normalization, Program, PyTree, TrainState,
                          batch_plan, cross_entropy, join_variables, split_variables)
 
 LOG = logging.getLogger("d3jax")  # a run directory's log.txt records stage 1 too
@@ -285,9 +285,9 @@ class InputAwareState(TrainState):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class InputAwareProgram(Program):
-  """A :class:`d3jax.train.Program` that trains the classifier with the pattern generator, after
+  """A :class:`d3jax.engine.train.Program` that trains the classifier with the pattern generator, after
   :meth:`begin` pre-trains the mask generator. Train it on the CLEAN training set with
-  :func:`d3jax.train.train`; the backdoor test set comes from :meth:`trigger` of the final state.
+  :func:`d3jax.engine.train.train`; the backdoor test set comes from :meth:`trigger` of the final state.
   """
   recipe: InputAwareTraining
 

@@ -13,7 +13,7 @@ clean model or clean images (LF without a pattern file, TrojanNN, SSBA) need ``c
 A training-controlled config also has ``trains_on`` (``"clean"``: its program poisons every batch
 itself, as WaNet's; ``"poisoned"``: it trains on a set poisoned with its trigger, as the adaptive
 attack) and ``program(model, recipe, normalization, *, ratio, target, label_mode, num_classes)``,
-its :class:`d3jax.train.Program`; one whose trigger is trained with the model (input-aware) has
+its :class:`d3jax.engine.train.Program`; one whose trigger is trained with the model (input-aware) has
 ``trained_trigger = True``, and its program's ``trigger(state, image_shape)`` gives the trigger; :func:`d3jax.attacks.training.attack_sets` and
 :func:`d3jax.attacks.training.attack_program` pick what every attack trains on and with.
 """

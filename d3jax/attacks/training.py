@@ -21,7 +21,7 @@ from d3jax.attacks.clean import CleanModel
 from d3jax.attacks.poison import PoisonedSet, backdoor_test_set, poison_dataset
 from d3jax.attacks.triggers import Trigger
 from d3jax.data.dataset import Dataset
-from d3jax.train import (EpochCallback, Normalization, Program, Restore, SGDConfig, TrainState,
+from d3jax.engine.train import (EpochCallback, Normalization, Program, Restore, SGDConfig, TrainState,
                          init_variables, train_state)
 
 
@@ -143,7 +143,7 @@ def train_backdoored(model: nn.Module, poisoned: PoisonedSet, normalization: Nor
   """Trains ``model`` (from fresh variables unless given) on the poisoned set, with ``program``
   (default: plain ``config``; :func:`attack_program` gives an attack's own).
 
-  ``callback`` and ``restore`` are those of :func:`d3jax.train.train` (per-epoch hook, resume).
+  ``callback`` and ``restore`` are those of :func:`d3jax.engine.train.train` (per-epoch hook, resume).
   Returns the final variables and the per-epoch metrics (``"loss"``: mean training loss).
   """
   state, history = train_backdoored_state(

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from d3jax.attacks.training import AttackTrainConfig, BatchPoisonTraining
 from d3jax.attacks.triggers import ImageShape, _image_shape
 from d3jax.attacks.warp import Warp, grid_offsets, warp, warp_field
-from d3jax.train import Batch, Normalization, Program, TrainState
+from d3jax.engine.train import Batch, Normalization, Program, TrainState
 
 _WANET_STREAM = 3
 
@@ -118,9 +118,9 @@ class WaNetTraining(BatchPoisonTraining):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class WaNetProgram(Program):
-  """A :class:`d3jax.train.Program` that poisons every batch as :class:`WaNetTraining` says.
+  """A :class:`d3jax.engine.train.Program` that poisons every batch as :class:`WaNetTraining` says.
 
-  Train it on the CLEAN training set with :func:`d3jax.train.train`; measure it with the
+  Train it on the CLEAN training set with :func:`d3jax.engine.train.train`; measure it with the
   backdoor test set of ``recipe.attack.trigger(image_shape)``.
   """
   recipe: WaNetTraining

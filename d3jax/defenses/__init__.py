@@ -2,7 +2,7 @@
 
 ``names()`` lists them, ``get(name, **overrides)`` builds a config (a frozen dataclass with the
 published defaults), ``defend(name, ...)`` runs one, and ``program(name, ...)`` gives the
-:class:`d3jax.train.Program` behind a fine-tuning defense, for ``jax.vmap``/``jax.jit`` of whole
+:class:`d3jax.engine.train.Program` behind a fine-tuning defense, for ``jax.vmap``/``jax.jit`` of whole
 runs. A defense sees only the model and the reserved clean data (DESIGN.md threat model): no
 entry point here takes test data, a trigger or a target label.
 """
@@ -30,7 +30,7 @@ from d3jax.defenses.nad import NADConfig
 from d3jax.defenses.nft import NFTConfig
 from d3jax.defenses.sau import SAUConfig
 from d3jax.defenses.super_ft import SuperFTConfig
-from d3jax.train import EpochCallback, Normalization, Program, Restore, train
+from d3jax.engine.train import EpochCallback, Normalization, Program, Restore, train
 
 REGISTRY: dict[str, type] = {"ft": FTConfig, "d3": D3Config, "ft-sam": FTSAMConfig, "nft": NFTConfig,
                              "fst": FSTConfig, "fp": FPConfig, "nc": NCConfig, "i-bau": IBAUConfig, "anp": ANPConfig, "super-ft": SuperFTConfig,

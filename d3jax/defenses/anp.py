@@ -38,7 +38,7 @@ from d3jax.data.splits import split_holdout
 from d3jax.defenses.checks import check_fields, check_select
 from d3jax.optim.masks import neuron_masks
 from d3jax.optim.selection import select_mask
-from d3jax.train import (Batch, EpochCallback, Hyperparams, Normalization, Program,
+from d3jax.engine.train import (Batch, EpochCallback, Hyperparams, Normalization, Program,
                          Restore, TrainState, cross_entropy, join_variables, predict, train)
 
 PyTree = Any

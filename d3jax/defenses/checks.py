@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from d3jax.train import check_positive_int, check_recipe_fields
+from d3jax.engine.train import check_positive_int, check_recipe_fields
 
 
 def check_fields(config: Any, *, counts: tuple[str, ...] = (), nonnegative: tuple[str, ...] = (),
                  positive: tuple[str, ...] = (), fractions: tuple[str, ...] = (),
                  unit: tuple[str, ...] = ()) -> None:
-  """The recipe checks of :func:`d3jax.train.check_recipe_fields` (``epochs``, ``batch_size``,
+  """The recipe checks of :func:`d3jax.engine.train.check_recipe_fields` (``epochs``, ``batch_size``,
   ``crop_padding``, ``momentum`` where the config has one, and ``nonnegative`` ≥ 0), then the
   named fields: ``counts`` integers ≥ 1, ``positive`` > 0, ``fractions`` in (0, 1), ``unit`` in
   [0, 1].

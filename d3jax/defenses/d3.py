@@ -27,7 +27,7 @@ import optax
 
 from d3jax import optim
 from d3jax.optim.norms import check_norm, tensor_norm
-from d3jax.train import Hyperparams, check_recipe_fields, cosine_per_epoch
+from d3jax.engine.train import Hyperparams, check_recipe_fields, cosine_per_epoch
 
 WarmUp = Literal["random", "near", "middle", "far", "noise"]
 WARM_UPS = ("random", "near", "middle", "far", "noise")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from d3jax.data.augment import normalize
-from d3jax.train import Normalization
+from d3jax.engine.train import Normalization
 
 
 def apply_recording(model: nn.Module, variables: Any, x: jax.Array, layers: Sequence[str],

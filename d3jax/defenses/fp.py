@@ -33,7 +33,7 @@ from d3jax.data.splits import split_holdout
 from d3jax.defenses.features import head_inputs
 from d3jax.defenses.checks import check_fields
 from d3jax.optim.prune import keep_pruned
-from d3jax.train import EpochCallback, Hyperparams, Normalization, Program, Restore, SGDConfig, train
+from d3jax.engine.train import EpochCallback, Hyperparams, Normalization, Program, Restore, SGDConfig, train
 
 PyTree = Any
 

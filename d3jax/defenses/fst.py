@@ -25,7 +25,7 @@ import optax
 from d3jax.optim.d3 import project_norm
 from d3jax.optim.fst import feature_shift
 from d3jax.defenses.checks import check_fields
-from d3jax.train import Hyperparams, cosine_per_epoch, cross_entropy
+from d3jax.engine.train import Hyperparams, cosine_per_epoch, cross_entropy
 
 PyTree = Any
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from d3jax.train import SGDConfig
+from d3jax.engine.train import SGDConfig
 
 
 @dataclasses.dataclass(frozen=True)

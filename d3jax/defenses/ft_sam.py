@@ -5,7 +5,7 @@ Every parameter (BN scales and biases included) is trained with ASAM (:func:`d3j
 adaptive_sam`, T_w = |w|) around BackdoorBench's SGD (lr 0.01, momentum 0.9, weight decay 5e-4) on
 cross-entropy with label smoothing 0.1, ρ = 2 (the paper's CIFAR-10 setting, §4.1), 100 epochs of
 batch 256, BN in train mode for the first pass and with frozen running statistics for the second
-(:class:`d3jax.sharpness.SAMProgram`), the last model kept.
+(:class:`d3jax.engine.sharpness.SAMProgram`), the last model kept.
 
 As released (BackdoorBench's ``defense/ft-sam.py``): the smoothed target puts 1 − s on the label
 and s/(C − 1) on every other class; the cosine schedule is stepped after every *iteration* with
@@ -25,8 +25,8 @@ import optax
 
 from d3jax.optim.sam import adaptive_sam
 from d3jax.reductions import masked_mean
-from d3jax.sharpness import SAMProgram
-from d3jax.train import Hyperparams, SGDConfig, sgd_with_weight_decay
+from d3jax.engine.sharpness import SAMProgram
+from d3jax.engine.train import Hyperparams, SGDConfig, sgd_with_weight_decay
 
 
 def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array,

@@ -31,7 +31,7 @@ from d3jax.data.augment import augment, normalize
 from d3jax.optim.hypergrad import hypergradient
 from d3jax.reductions import masked_mean
 from d3jax.defenses.checks import check_fields
-from d3jax.train import (_PLAN_STREAM, _STEP_STREAM, Hyperparams, Program, TrainState, batch_plan,
+from d3jax.engine.train import (_PLAN_STREAM, _STEP_STREAM, Hyperparams, Program, TrainState, batch_plan,
                          cross_entropy, join_variables)
 
 PyTree = Any

@@ -43,7 +43,7 @@ from d3jax.defenses.checks import check_fields
 from d3jax.defenses.features import apply_recording
 from d3jax.defenses.ft import FTConfig
 from d3jax.reductions import masked_mean
-from d3jax.train import (Batch, EpochCallback, Hyperparams, Normalization, Program, Restore,
+from d3jax.engine.train import (Batch, EpochCallback, Hyperparams, Normalization, Program, Restore,
                          SGDConfig, TrainState, cross_entropy, fit, init_state, join_variables,
                          sgd_with_weight_decay, train)
 

@@ -41,7 +41,7 @@ import optax
 
 from d3jax.data.augment import normalize
 from d3jax.defenses.checks import check_fields
-from d3jax.train import (EpochCallback, Normalization, Program, Restore, SGDConfig, batch_plan,
+from d3jax.engine.train import (EpochCallback, Normalization, Program, Restore, SGDConfig, batch_plan,
                          train)
 
 LOG = logging.getLogger("d3jax")

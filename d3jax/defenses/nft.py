@@ -30,7 +30,7 @@ import optax
 from d3jax.data.augment import augment, normalize
 from d3jax.optim.masks import mask_penalty, neuron_masks
 from d3jax.defenses.checks import check_fields, check_select
-from d3jax.train import (Batch, Hyperparams, Program, TrainState, cross_entropy,
+from d3jax.engine.train import (Batch, Hyperparams, Program, TrainState, cross_entropy,
                          join_variables)
 
 PyTree = Any

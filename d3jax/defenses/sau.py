@@ -39,7 +39,7 @@ import optax
 from d3jax.data.augment import augment
 from d3jax.defenses.checks import check_fields
 from d3jax.optim.reference import keep_reference
-from d3jax.train import Batch, Hyperparams, Program, TrainState, cross_entropy, join_variables
+from d3jax.engine.train import Batch, Hyperparams, Program, TrainState, cross_entropy, join_variables
 
 PyTree = Any
 

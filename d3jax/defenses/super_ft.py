@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from d3jax.defenses.checks import check_fields
-from d3jax.train import Hyperparams, cross_entropy
+from d3jax.engine.train import Hyperparams, cross_entropy
 
 PyTree = Any
 

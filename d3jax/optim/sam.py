@@ -11,7 +11,7 @@ and the descent step applies the base optimizer to the gradient g' taken at w + 
 Like ``optax.contrib.sam`` without its opaque mode, the transformation alternates: the first of
 every two updates moves the params to w + e (the ascent), the second returns them to w and takes
 the base optimizer's step with the gradient it is given (now taken at w + e). The caller computes
-the two gradients on the same batch; :class:`d3jax.sharpness.SAMProgram` does that on the
+the two gradients on the same batch; :class:`d3jax.engine.sharpness.SAMProgram` does that on the
 training engine (the adaptive attack of the D3 paper's Table 5, and FT-SAM). ``rho`` may be a
 traced array (a swept hyperparameter).
 """

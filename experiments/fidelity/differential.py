@@ -37,7 +37,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch_reference  # noqa: E402
 
-from d3jax import compile_cache, interop, pipeline, runs  # noqa: E402
+from d3jax import interop
+from d3jax.engine import compile_cache
+from d3jax.workflows import pipeline
+from d3jax.rundirs import runs  # noqa: E402
 from d3jax.attacks.training import AttackTrainConfig  # noqa: E402
 from d3jax.defenses import D3Config, FTConfig  # noqa: E402
 from d3jax.defenses.ft_sam import FTSAMConfig  # noqa: E402

@@ -4,9 +4,9 @@ Backdoored PreAct-ResNet18s of increasing width (so of increasing clean accuracy
 subset, the same attack recipe at every width (the one of experiments/results/table_cifar: 20
 epochs, SGD lr 0.05 with cosine decay, batch 128, flips, no crop), and on each model the same
 reserved set (5% of the training set, seed 0, 20% of it held out) defended by FT, FT-SAM and D3
-over a λ grid at ε = 0.1 (one vmapped program, :func:`d3jax.sweep.sweep`). The grid holds the
+over a λ grid at ε = 0.1 (one vmapped program, :func:`d3jax.workflows.sweep.sweep`). The grid holds the
 paper preset (λ = 10) and the official preset (λ = 0.5): both are D3's published defaults with
-only λ changed. The test-free choice (``d3jax.auto_choice``) picks from the same grid with the
+only λ changed. The test-free choice (``d3jax.workflows.auto_choice``) picks from the same grid with the
 held-out part only; the ASR/ACC of every grid point is recorded for evaluation.
 
 Usage (from the repository root; one process per attack, one core each):
@@ -27,13 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
-from d3jax import compile_cache, pipeline, runs
+from d3jax.engine import compile_cache
+from d3jax.workflows import pipeline
+from d3jax.rundirs import runs
 from d3jax.attacks.training import AttackTrainConfig
 from d3jax.defenses import D3Config, FTConfig
 from d3jax.defenses.ft_sam import FTSAMConfig
 from d3jax.metrics import der
-from d3jax.sweep import sweep
-from d3jax.sweep_runs import defense_key, measure_runs
+from d3jax.workflows.sweep import sweep
+from d3jax.studies.sweep_runs import defense_key, measure_runs
 
 CIFAR = Path("../shared/data/cifar10_10k_jpegsrc.npz")
 TRAIN = AttackTrainConfig(epochs=20, cosine_t_max=20, learning_rate=0.05, crop_padding=0, flip=True)
