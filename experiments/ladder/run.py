@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from d3jax.analysis.plotting import pyplot, save
 from d3jax.engine import compile_cache
 from d3jax.workflows import pipeline
 from d3jax.rundirs import runs
@@ -34,6 +35,7 @@ from d3jax.attacks.training import AttackTrainConfig
 from d3jax.defenses import D3Config, FTConfig
 from d3jax.defenses.ft_sam import FTSAMConfig
 from d3jax.metrics import der
+from d3jax.workflows.auto_choice import DEFAULT_BUDGET, choose, choose_strongest
 from d3jax.workflows.sweep import sweep
 from d3jax.studies.sweep_runs import defense_key, measure_runs
 
@@ -75,6 +77,59 @@ def defend_case(backdoored: pipeline.Backdoored, defense: str, epochs: int) -> d
           "wall_s": time.perf_counter() - start}
 
 
+def columns(results: dict, width: int, attack: str, n_heldout: int) -> dict[str, dict]:
+  """ACC/ASR/DER of every reported defense of one case: FT, FT-SAM, the D3 grid's points, and the
+  points the two test-free rules choose from the grid (held-out accuracy and distance only)."""
+  case = {d: results[f"w{width}/{attack}/{d}"] for d in ("ft", "ft-sam", "d3")
+          if f"w{width}/{attack}/{d}" in results}
+  out = {d: case[d] for d in ("ft", "ft-sam") if d in case}
+  if "d3" in case:
+    grid = case["d3"]
+    pick = {f"d3 λ={lmd:g}": i for i, lmd in enumerate(grid["lmd"])}
+    pick["d3 auto (strongest)"] = choose_strongest(grid["heldout_acc"], grid["lmd"], n_heldout)
+    pick["d3 auto (farthest)"] = choose(grid["heldout_acc"], grid["distance"], DEFAULT_BUDGET)
+    for name, i in pick.items():
+      out[name] = {k: grid[k][i] for k in ("acc", "asr", "der")} | {"lmd": grid["lmd"][i]}
+  return out
+
+
+def report(out: Path, widths: list[int], attacks: list[str]) -> None:
+  """ladder.md (one row per model, one column group per defense) and ladder.png."""
+  results = json.loads((out / "ladder.json").read_text())
+  dataset = runs.load(out / "runs" / f"w{widths[0]}-{attacks[0]}").backdoored.dataset
+  _, (_, heldout_labels) = pipeline.ReservedSplit(ratio=0.05, holdout=0.2, seed=0).draw(dataset)
+  n_heldout = len(heldout_labels)
+  rows, series = [], {}
+  for attack in attacks:
+    for width in widths:
+      if f"w{width}/{attack}/none" not in results:
+        continue
+      none = results[f"w{width}/{attack}/none"]
+      cells = columns(results, width, attack, n_heldout)
+      rows.append(f"| {attack} | {width} | {100 * none['acc']:.1f}/{100 * none['asr']:.1f} | " +
+                  " | ".join(f"{name}: {100 * c['acc']:.1f}/{100 * c['asr']:.1f}/{100 * c['der']:.1f}"
+                             + (f" (λ={c['lmd']:g})" if "auto" in name else "")
+                             for name, c in cells.items()) + " |")
+      for name, c in cells.items():
+        series.setdefault((name, attack), []).append((none["acc"], c["asr"], c["der"]))
+  (out / "ladder.md").write_text(
+      "| attack | width | none ACC/ASR | defenses: ACC/ASR/DER |\n|---|---|---|---|\n"
+      + "\n".join(rows) + f"\n\nHeld-out part of the reserved set: {n_heldout} images.\n")
+  plt = pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for (name, attack), points in sorted(series.items()):
+    acc, asr, der_ = (100 * np.asarray(v) for v in zip(*points))
+    style = "-" if attack == attacks[0] else "--"
+    axes[0].plot(acc, der_, style, marker="o", label=f"{name}, {attack}")
+    axes[1].plot(acc, asr, style, marker="o", label=f"{name}, {attack}")
+  for ax, what in zip(axes, ("DER", "ASR after the defense (%)")):
+    ax.set_xlabel("clean ACC of the backdoored model (%)")
+    ax.set_ylabel(what)
+  axes[1].legend(fontsize=6, ncol=2)
+  fig.suptitle("PreAct-ResNet18 widths " + ", ".join(map(str, widths)) + " on the CIFAR-10 subset")
+  save(fig, out / "ladder.png")
+
+
 def record(path: Path, key: str, value: dict) -> None:
   """Adds one entry to the shared JSON (two processes write it; a lock keeps both entries)."""
   with open(path.with_suffix(".lock"), "w") as lock:
@@ -91,7 +146,12 @@ def main() -> None:
   parser.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
   parser.add_argument("--defenses", nargs="+", default=["ft", "ft-sam", "d3"])
   parser.add_argument("--epochs", type=int, default=100, help="every defense's epochs")
+  parser.add_argument("--report", action="store_true", help="write ladder.md and ladder.png from "
+                      "the JSON and stop")
   args = parser.parse_args()
+  if args.report:
+    report(args.out, args.widths, args.attacks)
+    return
   compile_cache.enable()
   args.out.mkdir(parents=True, exist_ok=True)
   results_path = args.out / "ladder.json"
