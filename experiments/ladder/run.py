@@ -106,22 +106,25 @@ def report(out: Path, widths: list[int], attacks: list[str]) -> None:
         continue
       none = results[f"w{width}/{attack}/none"]
       cells = columns(results, width, attack, n_heldout)
-      rows.append(f"| {attack} | {width} | {100 * none['acc']:.1f}/{100 * none['asr']:.1f} | " +
-                  " | ".join(f"{name}: {100 * c['acc']:.1f}/{100 * c['asr']:.1f}/{100 * c['der']:.1f}"
-                             + (f" (λ={c['lmd']:g})" if "auto" in name else "")
-                             for name, c in cells.items()) + " |")
+      rows.append(f"| {attack} | {width} | none | {100 * none['acc']:.1f} | {100 * none['asr']:.1f} | – |")
+      rows += [f"| {attack} | {width} | {name}" + (f" → λ={c['lmd']:g}" if "auto" in name else "")
+               + f" | {100 * c['acc']:.1f} | {100 * c['asr']:.1f} | {100 * c['der']:.1f} |"
+               for name, c in cells.items()]
       for name, c in cells.items():
         series.setdefault((name, attack), []).append((none["acc"], c["asr"], c["der"]))
   (out / "ladder.md").write_text(
-      "| attack | width | none ACC/ASR | defenses: ACC/ASR/DER |\n|---|---|---|---|\n"
+      "| attack | width | defense | ACC | ASR | DER |\n|---|---|---|---|---|---|\n"
       + "\n".join(rows) + f"\n\nHeld-out part of the reserved set: {n_heldout} images.\n")
   plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for (name, attack), points in sorted(series.items()):
+  names = list(dict.fromkeys(name for name, _ in series))
+  colors = {name: f"C{i}" for i, name in enumerate(names)}
+  for (name, attack), points in series.items():
     acc, asr, der_ = (100 * np.asarray(v) for v in zip(*points))
-    style = "-" if attack == attacks[0] else "--"
-    axes[0].plot(acc, der_, style, marker="o", label=f"{name}, {attack}")
-    axes[1].plot(acc, asr, style, marker="o", label=f"{name}, {attack}")
+    style = dict(color=colors[name], marker="o" if attack == attacks[0] else "s",
+                 linestyle="-" if attack == attacks[0] else "--", label=f"{name}, {attack}")
+    axes[0].plot(acc, der_, **style)
+    axes[1].plot(acc, asr, **style)
   for ax, what in zip(axes, ("DER", "ASR after the defense (%)")):
     ax.set_xlabel("clean ACC of the backdoored model (%)")
     ax.set_ylabel(what)
