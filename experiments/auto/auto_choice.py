@@ -79,6 +79,11 @@ def one_case(dataset: str, attack: str, seed: int, args: argparse.Namespace) -> 
           **measured}
 
 
+def is_failure(asr: float, der: float, best_der: float) -> bool:
+  """The failure criterion of the reports: ASR above 20% or DER more than 5 points below the best."""
+  return asr > 0.2 or best_der - der > 0.05
+
+
 def summarise(case: dict, budget: float) -> dict:
   """The chosen, best-in-hindsight and paper-default configurations of one case."""
   chosen = choose(case["heldout_acc"], case["distance"], budget)
@@ -105,7 +110,7 @@ def report(cases: list[dict], budgets: list[float]) -> str:
       summary = summarise(case, budget)
       groups.setdefault((case["dataset"], case["attack"]), []).append(summary)
       chosen, best = summary["chosen"], summary["best"]
-      if chosen["asr"] > 0.2 or best["der"] - chosen["der"] > 0.05:
+      if is_failure(chosen["asr"], chosen["der"], best["der"]):
         failures.append(f"- {case['dataset']} {case['attack']} seed {case['seed']} budget {budget}: "
                         f"chose λ={chosen['lmd']:g}, ε={chosen['eps']:g} (ACC {100 * chosen['acc']:.1f}, "
                         f"ASR {100 * chosen['asr']:.1f}); best λ={best['lmd']:g}, ε={best['eps']:g} "

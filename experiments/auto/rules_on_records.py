@@ -17,6 +17,7 @@ import json
 
 import numpy as np
 
+from auto_choice import is_failure  # the sibling script (its folder is on sys.path)
 from d3jax.workflows.auto_choice import DEFAULT_BUDGET, choose, choose_strongest
 
 
@@ -39,7 +40,7 @@ def main() -> None:
       index = [c[rule] for c in chosen]
       mean = {k: 100 * np.mean([case[k][i] for case, i in zip(cases, index)])
               for k in ("acc", "asr", "der")}
-      failures = sum(case["asr"][i] > 0.2 or max(case["der"]) - case["der"][i] > 0.05
+      failures = sum(is_failure(case["asr"][i], case["der"][i], max(case["der"]))
                      for case, i in zip(cases, index))
       print(f"| {path} | {rule} | {len(cases)} | {mean['acc']:.1f} | {mean['asr']:.1f} | "
             f"{mean['der']:.1f} | {failures} |")

@@ -12,6 +12,7 @@ held-out part only; the ASR/ACC of every grid point is recorded for evaluation.
 Usage (from the repository root; one process per attack, one core each):
   taskset -c 0 .venv/bin/python experiments/ladder/run.py --attacks badnets &
   taskset -c 1 .venv/bin/python experiments/ladder/run.py --attacks blended &
+(widths 2, 4, 8 by default, as run for results/ladder; `--widths 16 32` for the next rungs.)
 Every attack at every width is trained first, then the defenses, narrowest model first. Writes
 OUT/ladder.json (every measurement; a rerun skips what is there) and, with --report,
 OUT/ladder.md and OUT/ladder.png (DER and ASR against the backdoored model's ACC per defense).
@@ -43,6 +44,7 @@ CIFAR = Path("../shared/data/cifar10_10k_jpegsrc.npz")
 TRAIN = AttackTrainConfig(epochs=20, cosine_t_max=20, learning_rate=0.05, crop_padding=0, flip=True)
 LAMBDAS = (0.5, 1.0, 10.0)
 FIXED = {"ft": FTConfig(), "ft-sam": FTSAMConfig()}
+SPLIT = pipeline.ReservedSplit(ratio=0.05, holdout=0.2, seed=0)
 
 
 def attack_run(out: Path, attack: str, width: int) -> runs.LoadedRun:
@@ -57,14 +59,13 @@ def attack_run(out: Path, attack: str, width: int) -> runs.LoadedRun:
 
 def defend_case(backdoored: pipeline.Backdoored, defense: str, epochs: int) -> dict:
   """One defense (``ft``, ``ft-sam``, or ``d3`` for the whole λ grid) on the case's reserved set."""
-  split = pipeline.ReservedSplit(ratio=0.05, holdout=0.2, seed=0)
-  (images, labels), heldout = split.draw(backdoored.dataset)
+  (images, labels), heldout = SPLIT.draw(backdoored.dataset)
   before = backdoored.baseline
   start = time.perf_counter()
   if defense == "d3":
     config = dataclasses.replace(D3Config.preset("paper"), epochs=epochs)
     defended, _ = sweep("d3", backdoored.model, backdoored.variables, images, labels,
-                        normalization=backdoored.normalization, key=defense_key(split),
+                        normalization=backdoored.normalization, key=defense_key(SPLIT),
                         grid={"lmd": list(LAMBDAS)}, config=config, progress=False)
     measured = measure_runs(backdoored, config, defended, heldout, progress=False)
     return {"lmd": list(LAMBDAS), **measured, "wall_s": time.perf_counter() - start}
@@ -94,10 +95,10 @@ def columns(results: dict, width: int, attack: str, n_heldout: int) -> dict[str,
 
 
 def report(out: Path, widths: list[int], attacks: list[str]) -> None:
-  """ladder.md (one row per model, one column group per defense) and ladder.png."""
-  results = json.loads((out / "ladder.json").read_text())
+  """ladder.md (one row per model and defense) and ladder.png."""
+  results = read_results(out / "ladder.json")
   dataset = runs.load(out / "runs" / f"w{widths[0]}-{attacks[0]}").backdoored.dataset
-  _, (_, heldout_labels) = pipeline.ReservedSplit(ratio=0.05, holdout=0.2, seed=0).draw(dataset)
+  _, (_, heldout_labels) = SPLIT.draw(dataset)
   n_heldout = len(heldout_labels)
   rows, series = [], {}
   for attack in attacks:
@@ -111,16 +112,23 @@ def report(out: Path, widths: list[int], attacks: list[str]) -> None:
                + f" | {100 * c['acc']:.1f} | {100 * c['asr']:.1f} | {100 * c['der']:.1f} |"
                for name, c in cells.items()]
       for name, c in cells.items():
-        series.setdefault((name, attack), []).append((none["acc"], c["asr"], c["der"]))
+        series.setdefault((name, attack), []).append((none["acc"], c["acc"], c["asr"], c["der"]))
+  rules = []
+  for rule in sorted({name for name, _ in series if "auto" in name}):
+    points = [p for (name, _), ps in series.items() if name == rule for p in ps]
+    _, acc, asr, der_ = (100 * np.mean(v) for v in zip(*points))
+    rules.append(f"- {rule}: {len(points)} cases, mean ACC {acc:.1f}, ASR {asr:.1f}, DER {der_:.1f}; "
+                 f"ASR above 20% in {sum(p[2] > 0.2 for p in points)}")
   (out / "ladder.md").write_text(
       "| attack | width | defense | ACC | ASR | DER |\n|---|---|---|---|---|---|\n"
-      + "\n".join(rows) + f"\n\nHeld-out part of the reserved set: {n_heldout} images.\n")
+      + "\n".join(rows) + f"\n\nHeld-out part of the reserved set: {n_heldout} images.\n\n"
+      + "The test-free rules over the cases above:\n" + "\n".join(rules) + "\n")
   plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   names = list(dict.fromkeys(name for name, _ in series))
   colors = {name: f"C{i}" for i, name in enumerate(names)}
   for (name, attack), points in series.items():
-    acc, asr, der_ = (100 * np.asarray(v) for v in zip(*points))
+    acc, _, asr, der_ = (100 * np.asarray(v) for v in zip(*points))
     style = dict(color=colors[name], marker="o" if attack == attacks[0] else "s",
                  linestyle="-" if attack == attacks[0] else "--", label=f"{name}, {attack}")
     axes[0].plot(acc, der_, **style)
@@ -133,11 +141,15 @@ def report(out: Path, widths: list[int], attacks: list[str]) -> None:
   save(fig, out / "ladder.png")
 
 
+def read_results(path: Path) -> dict:
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
 def record(path: Path, key: str, value: dict) -> None:
   """Adds one entry to the shared JSON (two processes write it; a lock keeps both entries)."""
   with open(path.with_suffix(".lock"), "w") as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = read_results(path)
     results[key] = value
     path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
 
@@ -145,7 +157,7 @@ def record(path: Path, key: str, value: dict) -> None:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", type=Path, default=Path("experiments/results/ladder"))
-  parser.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16])
+  parser.add_argument("--widths", type=int, nargs="+", default=[2, 4, 8])
   parser.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
   parser.add_argument("--defenses", nargs="+", default=["ft", "ft-sam", "d3"])
   parser.add_argument("--epochs", type=int, default=100, help="every defense's epochs")
@@ -165,8 +177,7 @@ def main() -> None:
       loaded = attack_run(args.out, attack, width)
       models[width, attack] = loaded.backdoored
       key = f"w{width}/{attack}/none"
-      done = json.loads(results_path.read_text()) if results_path.exists() else {}
-      if key not in done:
+      if key not in read_results(results_path):
         record(results_path, key, {**loaded.backdoored.baseline._asdict(),
                                    "wall_s": time.perf_counter() - start})
       print(f"attack w{width} {attack}: {loaded.backdoored.baseline}", flush=True)
@@ -174,7 +185,7 @@ def main() -> None:
     for attack in args.attacks:
       for defense in args.defenses:
         key = f"w{width}/{attack}/{defense}"
-        if key in (json.loads(results_path.read_text()) if results_path.exists() else {}):
+        if key in read_results(results_path):
           continue
         result = defend_case(models[width, attack], defense, args.epochs)
         record(results_path, key, result)
