@@ -60,7 +60,6 @@ def attack_run(out: Path, attack: str, width: int) -> runs.LoadedRun:
 def defend_case(backdoored: pipeline.Backdoored, defense: str, epochs: int) -> dict:
   """One defense (``ft``, ``ft-sam``, or ``d3`` for the whole λ grid) on the case's reserved set."""
   (images, labels), heldout = SPLIT.draw(backdoored.dataset)
-  before = backdoored.baseline
   start = time.perf_counter()
   if defense == "d3":
     config = dataclasses.replace(D3Config.preset("paper"), epochs=epochs)
@@ -72,10 +71,14 @@ def defend_case(backdoored: pipeline.Backdoored, defense: str, epochs: int) -> d
   config = dataclasses.replace(FIXED[defense], epochs=epochs)
   variables, _ = pipeline.defend_model(backdoored, defense, config, images, labels, seed=0,
                                        progress=False)
-  measured = backdoored.measure(variables)
+  return measured_row(backdoored, variables) | {"wall_s": time.perf_counter() - start}
+
+
+def measured_row(backdoored: pipeline.Backdoored, variables) -> dict:
+  """ACC, ASR, RA of defended ``variables`` and their DER against the backdoored model."""
+  measured, before = backdoored.measure(variables), backdoored.baseline
   return {"acc": measured.acc, "asr": measured.asr, "ra": measured.ra,
-          "der": der(before.acc, before.asr, measured.acc, measured.asr),
-          "wall_s": time.perf_counter() - start}
+          "der": der(before.acc, before.asr, measured.acc, measured.asr)}
 
 
 def columns(results: dict, width: int, attack: str, n_heldout: int) -> dict[str, dict]:

@@ -33,7 +33,6 @@ import run as ladder  # noqa: E402  (the sibling experiment: its attack runs, sp
 
 from d3jax.defenses import D3Config  # noqa: E402
 from d3jax.engine import compile_cache  # noqa: E402
-from d3jax.metrics import der  # noqa: E402
 from d3jax.workflows import pipeline  # noqa: E402
 
 BASE = dataclasses.replace(D3Config.preset("paper"), lmd=1.0)
@@ -55,12 +54,9 @@ def run_variant(backdoored: pipeline.Backdoored, name: str) -> dict:
   start = time.perf_counter()
   variables, _ = pipeline.defend_model(backdoored, "d3", dataclasses.replace(BASE, **overrides),
                                        images, labels, seed=0, progress=False)
-  measured = backdoored.measure(variables)
-  before = backdoored.baseline
-  return {"acc": measured.acc, "asr": measured.asr, "ra": measured.ra,
-          "der": der(before.acc, before.asr, measured.acc, measured.asr),
-          "heldout_acc": pipeline.accuracy_on(backdoored, variables, held_images, held_labels),
-          "reserved": len(labels), "wall_s": time.perf_counter() - start}
+  return ladder.measured_row(backdoored, variables) | {
+      "heldout_acc": pipeline.accuracy_on(backdoored, variables, held_images, held_labels),
+      "reserved": len(labels), "wall_s": time.perf_counter() - start}
 
 
 def report(out: Path) -> None:

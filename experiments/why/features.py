@@ -45,8 +45,10 @@ def measure(backdoored) -> dict:
   data = paired(backdoored)
   target = int(backdoored.run.target)
   dataset = backdoored.dataset
-  features = lambda images: penultimate(backdoored.model, backdoored.variables, images,  # noqa: E731
-                                        backdoored.normalization)
+
+  def features(images: np.ndarray) -> np.ndarray:
+    return penultimate(backdoored.model, backdoored.variables, images, backdoored.normalization)
+
   clean_all = features(dataset.x_test)
   poisoned = features(data.poisoned)
   target_clean = clean_all[dataset.y_test == target]
