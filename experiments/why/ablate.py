@@ -14,10 +14,14 @@ kernel selected, the ``random`` warm-up, the ladder's reserved set (5%, seed 0, 
 - reserved size: 1% and 10% of the training set (the supplement's Table 3 range) instead of 5%.
 
 The base is run here too (a single run, not the ladder's vmapped grid point, so the comparison is
-between runs of one program shape). Writes OUT/ablate.json (a rerun skips what is there) and, with
---report, OUT/ablate.md. Usage (one case per core):
+between runs of one program shape). ``--seeds`` repeats variants with other defense seeds (warm-up
+draw, batch order) on the same reserved set, so a difference can be set against the seed spread.
+Writes OUT/ablate.json (a rerun skips what is there) and, with --report, OUT/ablate.md. The attack
+run is the ladder's (trained here with the ladder's recipe when absent). Usage (one case per core):
   taskset -c 0 .venv/bin/python experiments/why/ablate.py --width 4
   taskset -c 1 .venv/bin/python experiments/why/ablate.py --width 8
+  taskset -c 1 .venv/bin/python experiments/why/ablate.py --width 4 --seeds 1 2 \
+      --variants base "select head + layer4"
   .venv/bin/python experiments/why/ablate.py --report
 """
 from __future__ import annotations
@@ -27,6 +31,8 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ladder"))
 import run as ladder  # noqa: E402  (the sibling experiment: its attack runs, split and JSON)
@@ -47,13 +53,29 @@ VARIANTS: dict[str, tuple[dict, float]] = {  # name: (D3Config overrides, reserv
 }
 
 
-def run_variant(backdoored: pipeline.Backdoored, name: str) -> dict:
+def run_key(case: str, name: str, seed: int) -> str:
+  """The JSON key of one run; seed 0 keeps the key of the first (seedless) runs."""
+  return f"{case}/{name}" + (f" @ seed {seed}" if seed else "")
+
+
+def parse_key(key: str) -> tuple[str, str, int]:
+  case, rest = key.split("/", 1)
+  name, _, seed = rest.partition(" @ seed ")
+  return case, name, int(seed or 0)
+
+
+def report_order(key: str) -> tuple[str, int, int]:
+  case, name, seed = parse_key(key)
+  return case, list(VARIANTS).index(name), seed
+
+
+def run_variant(backdoored: pipeline.Backdoored, name: str, seed: int) -> dict:
   overrides, ratio = VARIANTS[name]
   split = dataclasses.replace(ladder.SPLIT, ratio=ratio)
   (images, labels), (held_images, held_labels) = split.draw(backdoored.dataset)
   start = time.perf_counter()
   variables, _ = pipeline.defend_model(backdoored, "d3", dataclasses.replace(BASE, **overrides),
-                                       images, labels, seed=0, progress=False)
+                                       images, labels, seed=seed, progress=False)
   return ladder.measured_row(backdoored, variables) | {
       "heldout_acc": pipeline.accuracy_on(backdoored, variables, held_images, held_labels),
       "reserved": len(labels), "wall_s": time.perf_counter() - start}
@@ -62,16 +84,30 @@ def run_variant(backdoored: pipeline.Backdoored, name: str) -> dict:
 def report(out: Path) -> None:
   results = ladder.read_results(out / "ablate.json")
   rows = []
-  for key in sorted(results, key=lambda k: (k.split("/")[0], list(VARIANTS).index(k.split("/", 1)[1]))):
+  for key in sorted(results, key=report_order):
     r = results[key]
-    case, name = key.split("/", 1)
-    rows.append(f"| {case} | {name} | {r['reserved']} | {100 * r['acc']:.1f} | {100 * r['asr']:.1f} "
-                f"| {100 * r['ra']:.1f} | {100 * r['der']:.1f} | {100 * r['heldout_acc']:.1f} "
-                f"| {r['wall_s']:.0f} |")
+    case, name, seed = parse_key(key)
+    rows.append(f"| {case} | {name} | {seed} | {r['reserved']} | {100 * r['acc']:.1f} "
+                f"| {100 * r['asr']:.1f} | {100 * r['ra']:.1f} | {100 * r['der']:.1f} "
+                f"| {100 * r['heldout_acc']:.1f} | {r['wall_s']:.0f} |")
+  groups: dict[tuple[str, str], list[dict]] = {}
+  for key in sorted(results, key=report_order):
+    case, name, _ = parse_key(key)
+    groups.setdefault((case, name), []).append(results[key])
+  spread = []
+  for (case, name), runs_ in groups.items():
+    if len(runs_) > 1:
+      cells = [f"{100 * np.mean([r[m] for r in runs_]):.1f} ± "
+               f"{100 * np.std([r[m] for r in runs_], ddof=1):.1f}" for m in ("acc", "asr", "der")]
+      spread.append(f"| {case} | {name} | {len(runs_)} | " + " | ".join(cells) + " |")
+  summary = ("\n\nOver defense seeds (same reserved set; mean ± sample sd):\n\n| case | variant "
+             "| seeds | ACC | ASR | DER |\n|---|---|---|---|---|---|\n" + "\n".join(spread)
+             if spread else "")
   (out / "ablate.md").write_text(
       "D3 (paper preset, λ = 1, ε = 0.1, 100 epochs) on the ladder's Blended models, one factor "
-      "changed per row.\n\n| case | variant | reserved (train part) | ACC | ASR | RA | DER "
-      "| held-out ACC | wall s |\n|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+      "changed per row.\n\n| case | variant | seed | reserved (train part) | ACC | ASR | RA | DER "
+      "| held-out ACC | wall s |\n|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+      + summary + "\n")
 
 
 def main() -> None:
@@ -81,6 +117,7 @@ def main() -> None:
   parser.add_argument("--width", type=int, default=4)
   parser.add_argument("--attack", default="blended")
   parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+  parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="defense seeds")
   parser.add_argument("--report", action="store_true", help="write ablate.md from the JSON and stop")
   args = parser.parse_args()
   if args.report:
@@ -89,15 +126,12 @@ def main() -> None:
   compile_cache.enable()
   args.out.mkdir(parents=True, exist_ok=True)
   path = args.out / "ablate.json"
-  attack_dir = args.ladder / "runs" / f"w{args.width}-{args.attack}"
-  if not (attack_dir / "config.json").exists():
-    raise SystemExit(f"{attack_dir} has no attack run; run experiments/ladder/run.py first.")
-  backdoored = ladder.runs.load(attack_dir).backdoored
-  for name in args.variants:
-    key = f"w{args.width}-{args.attack}/{name}"
+  backdoored = ladder.attack_run(args.ladder, args.attack, args.width).backdoored
+  for name, seed in [(name, seed) for seed in args.seeds for name in args.variants]:
+    key = run_key(f"w{args.width}-{args.attack}", name, seed)
     if key in ladder.read_results(path):
       continue
-    result = run_variant(backdoored, name)
+    result = run_variant(backdoored, name, seed)
     ladder.record(path, key, result)
     print(f"{key}: ACC {100 * result['acc']:.1f} ASR {100 * result['asr']:.1f} "
           f"({result['wall_s']:.0f} s)", flush=True)
