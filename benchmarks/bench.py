@@ -140,18 +140,17 @@ def torch_step_fn(model: nn.Module, kind: str, lmd: float = 10.0, eps: float = 0
 # d3jax sides.
 # ------------------------------------------------------------------------------------------------
 
-def recipe(kind: str, batch_size: int, epochs: int = 100):
-  if kind == "d3":
-    return defenses.get("d3", batch_size=batch_size, crop_padding=0, epochs=epochs)
-  return defenses.get("ft", batch_size=batch_size, crop_padding=0, epochs=epochs)
+def recipe(kind: str, batch_size: int, epochs: int = 100, precision: str = "f32"):
+  return defenses.get("d3" if kind == "d3" else "ft", batch_size=batch_size, crop_padding=0,
+                      epochs=epochs, precision=precision)
 
 
 def jax_step_fn(name: str, width: int, kind: str, conv: str, images: np.ndarray, labels: np.ndarray,
-                scan_steps: int = 0):
+                scan_steps: int = 0, precision: str = "f32"):
   """A callable running one d3jax step (or ``scan_steps`` steps in one ``lax.scan``) and the
   seconds of its first call (compilation included)."""
   model = get_model(name, 10, width=width, conv=conv)
-  program = train.Program(model, recipe(kind, images.shape[0]), NORM)
+  program = train.Program(model, recipe(kind, images.shape[0], precision=precision), NORM)
   variables = train.init_variables(model, images.shape[1:], jax.random.key(0))
   state = train.init_state(program, variables, images.shape[0], jax.random.key(1))
   batch = train.Batch(jnp.asarray(images), jnp.asarray(labels), jnp.ones(images.shape[0], bool))
@@ -171,8 +170,18 @@ def jax_step_fn(name: str, width: int, kind: str, conv: str, images: np.ndarray,
   return run, time.perf_counter() - start
 
 
+def autocast_bf16(step):
+  """A PyTorch step under ``torch.autocast("cpu", dtype=torch.bfloat16)``."""
+  def run(*args):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+      return step(*args)
+  return run
+
+
 def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tuple[str, ...],
-                scan_steps: int = 0) -> list[dict]:
+                scan_steps: int = 0, bf16: bool = False) -> list[dict]:
+  """Steps per second of both sides; with ``bf16`` also d3jax ``precision="bf16"`` (``auto``
+  lowering, per call and scanned) against PyTorch autocast-bf16."""
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (128, 32, 32, 3), dtype=np.uint8)
   labels = rng.integers(0, 10, 128).astype(np.int32)
@@ -191,6 +200,15 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
       for conv in scanned:
         sides[f"d3jax-scan-{conv}"], compile_s[f"scan_{conv}"] = jax_step_fn(
             name, width, kind, conv, images, labels, scan_steps)
+      if bf16:
+        sides["d3jax-auto-bf16"], compile_s["auto_bf16"] = jax_step_fn(
+            name, width, kind, "auto", images, labels, precision="bf16")
+        if scan_steps:
+          sides["d3jax-scan-auto-bf16"], compile_s["scan_auto_bf16"] = jax_step_fn(
+              name, width, kind, "auto", images, labels, scan_steps, "bf16")
+        torch.manual_seed(0)
+        t_bf16 = autocast_bf16(torch_step_fn(torch_model(name, width), kind))
+        sides["torch-bf16"] = lambda: t_bf16(t_images, t_labels)
       torch.manual_seed(0)
       t_step = torch_step_fn(torch_model(name, width), kind)
       sides["torch"] = lambda: t_step(t_images, t_labels)
@@ -206,6 +224,15 @@ def bench_steps(rounds: int, steps: int, lax_models: tuple[str, ...], models: tu
         row[f"scan_{conv}_img_s"] = 128 * scan_steps / medians[f"d3jax-scan-{conv}"]
         row[f"scan_{conv}_ratio"] = row[f"scan_{conv}_img_s"] / row["torch_img_s"]
         row[f"scan_{conv}_compile_s"] = compile_s[f"scan_{conv}"]
+      if bf16:
+        row["torch_bf16_img_s"] = 128 / medians["torch-bf16"]
+        row["auto_bf16_img_s"] = 128 / medians["d3jax-auto-bf16"]
+        row["auto_bf16_vs_torch_bf16"] = medians["torch-bf16"] / medians["d3jax-auto-bf16"]
+        row["auto_bf16_vs_auto_f32"] = medians["d3jax-auto"] / medians["d3jax-auto-bf16"]
+        if scan_steps:
+          row["scan_auto_bf16_img_s"] = 128 * scan_steps / medians["d3jax-scan-auto-bf16"]
+          row["scan_auto_bf16_vs_scan_auto_f32"] = (medians["d3jax-scan-auto"]
+                                                   / medians["d3jax-scan-auto-bf16"])
       rows.append(row)
       print(json.dumps(row), flush=True)
   return rows
@@ -309,6 +336,8 @@ def main() -> None:
                       help="also time K d3jax steps inside one lax.scan (the engine's epoch form)")
   parser.add_argument("--grid-small", default="1,4,8", help="grid sizes for the small CNN")
   parser.add_argument("--grid-resnet", default="1,4", help="grid sizes for PreAct-ResNet18")
+  parser.add_argument("--bf16", action="store_true",
+                      help="steps section: add d3jax precision='bf16' and PyTorch autocast-bf16 sides")
   parser.add_argument("--json", default=None, help="write every row here")
   args = parser.parse_args()
   results = {"machine": machine()}
@@ -316,7 +345,7 @@ def main() -> None:
   sections = args.sections.split(",")
   if "steps" in sections:
     results["steps"] = bench_steps(args.rounds, args.steps, tuple(args.lax_models.split(",")),
-                                   tuple(args.step_models.split(",")), args.scan_steps)
+                                   tuple(args.step_models.split(",")), args.scan_steps, args.bf16)
   if "eval" in sections:
     results["eval"] = bench_eval(args.rounds)
   if "grid" in sections:

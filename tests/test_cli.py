@@ -82,7 +82,7 @@ PARSE_ERRORS = [
     (["attack", "--out", "x", "--model-options", "width", "0"],
      "small_cnn: option width must be a positive integer, got 0."),
     (["attack", "--out", "x", "--model-options", "depth", "3"],
-     "small_cnn: unknown option 'depth'; valid options: width, conv."),
+     "small_cnn: unknown option 'depth'; valid options: width, conv, precision."),
     (["attack", "--out", "x", "--lr", "0.1"], "Unrecognized options: --lr, 0.1"),
     (["attack", "--epochs", "1"], "Required options: Missing from d3jax attack: --out STR"),
     (["attack", "--out", "x", "--epochs", "many"], "many"),

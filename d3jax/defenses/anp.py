@@ -40,6 +40,7 @@ from d3jax.optim.masks import neuron_masks
 from d3jax.optim.selection import select_mask
 from d3jax.engine.train import (Batch, EpochCallback, Hyperparams, Normalization, Program,
                          Restore, TrainState, cross_entropy, join_variables, predict, train)
+from d3jax.engine.train import Precision
 
 PyTree = Any
 
@@ -115,6 +116,7 @@ class ANPConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = True
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
 
   def __post_init__(self) -> None:
     check_select(self.select)

@@ -28,6 +28,7 @@ import optax
 from d3jax import optim
 from d3jax.optim.norms import check_norm, tensor_norm
 from d3jax.engine.train import Hyperparams, check_recipe_fields, cosine_per_epoch
+from d3jax.engine.train import Precision
 
 WarmUp = Literal["random", "near", "middle", "far", "noise"]
 WARM_UPS = ("random", "near", "middle", "far", "noise")
@@ -55,6 +56,7 @@ class D3Config:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = True
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
 
   def __post_init__(self) -> None:
     check_norm(self.norm)

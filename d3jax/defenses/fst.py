@@ -26,6 +26,7 @@ from d3jax.optim.d3 import project_norm
 from d3jax.optim.fst import feature_shift
 from d3jax.defenses.checks import check_fields
 from d3jax.engine.train import Hyperparams, cosine_per_epoch, cross_entropy
+from d3jax.engine.train import Precision
 
 PyTree = Any
 
@@ -57,6 +58,7 @@ class FSTConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = True
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
 
   def __post_init__(self) -> None:
     check_fields(self, nonnegative=("alpha", "learning_rate"))

@@ -33,6 +33,7 @@ from d3jax.reductions import masked_mean
 from d3jax.defenses.checks import check_fields
 from d3jax.engine.train import (_PLAN_STREAM, _STEP_STREAM, Hyperparams, Program, TrainState, batch_plan,
                          cross_entropy, join_variables)
+from d3jax.engine.train import Precision
 
 PyTree = Any
 
@@ -119,6 +120,7 @@ class IBAUConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = False
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
   program_class = IBAUProgram  # not a field: the program this recipe runs in
 
   def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ from d3jax.optim.masks import mask_penalty, neuron_masks
 from d3jax.defenses.checks import check_fields, check_select
 from d3jax.engine.train import (Batch, Hyperparams, Program, TrainState, cross_entropy,
                          join_variables)
+from d3jax.engine.train import Precision
 
 PyTree = Any
 
@@ -86,6 +87,7 @@ class NFTConfig:
   crop_padding: int = 4
   flip: bool = True
   train_mode: bool = True
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
   program_class = NFTProgram  # not a field: the program this recipe runs in
 
   def __post_init__(self) -> None:

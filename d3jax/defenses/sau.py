@@ -40,6 +40,7 @@ from d3jax.data.augment import augment
 from d3jax.defenses.checks import check_fields
 from d3jax.optim.reference import keep_reference
 from d3jax.engine.train import Batch, Hyperparams, Program, TrainState, cross_entropy, join_variables
+from d3jax.engine.train import Precision
 
 PyTree = Any
 
@@ -159,6 +160,7 @@ class SAUConfig:
   crop_padding: int = 0
   flip: bool = False
   train_mode: bool = False
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
   program_class = SAUProgram  # not a field: the program this recipe runs in
 
   def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ import optax
 
 from d3jax.defenses.checks import check_fields
 from d3jax.engine.train import Hyperparams, cross_entropy
+from d3jax.engine.train import Precision
 
 PyTree = Any
 
@@ -50,6 +51,7 @@ class SuperFTConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = True
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
 
   def __post_init__(self) -> None:
     check_fields(self, nonnegative=("lr_base", "lr_max1", "lr_max2"))

@@ -37,6 +37,7 @@ import numpy as np
 import optax
 
 from d3jax.data.augment import augment, normalize
+from d3jax.models.precision import Precision, check_precision, with_precision
 from d3jax.progress import progress_bar
 from d3jax.reductions import masked_mean
 
@@ -162,7 +163,8 @@ def check_positive_int(name: str, value: Any) -> None:
 
 def check_recipe_fields(recipe: Any, nonnegative: tuple[str, ...]) -> None:
   """The checks every SGD-style recipe shares: ``epochs`` and ``batch_size`` integers ≥ 1, the
-  ``nonnegative`` fields ≥ 0 (NaN fails too), ``momentum`` in [0, 1), ``crop_padding`` ≥ 0.
+  ``nonnegative`` fields ≥ 0 (NaN fails too), ``momentum`` in [0, 1), ``crop_padding`` ≥ 0,
+  ``precision`` one of :data:`d3jax.models.precision.PRECISIONS` where the recipe has one.
   Each failure is one ``ValueError`` naming the field, the value and what is allowed."""
   check_positive_int("epochs", recipe.epochs)
   check_positive_int("batch_size", recipe.batch_size)
@@ -174,6 +176,7 @@ def check_recipe_fields(recipe: Any, nonnegative: tuple[str, ...]) -> None:
   if isinstance(recipe.crop_padding, bool) or not isinstance(recipe.crop_padding, int) \
       or recipe.crop_padding < 0:
     raise ValueError(f"crop_padding must be an integer ≥ 0, got {recipe.crop_padding!r}.")
+  check_precision(getattr(recipe, "precision", "f32"))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -184,10 +187,18 @@ class Program:
   arrays in the state), so two configs that differ only in, say, λ or the learning rate share one
   compilation. Code traced for a program must therefore read hyperparameters from
   ``state.hparams``, never from the recipe's fields.
+
+  A recipe with a ``precision`` field (every d3jax recipe; default ``"f32"``) sets the model's
+  product precision for this training (:func:`d3jax.models.precision.with_precision`): ``model``
+  is the model as the program runs it, and the trained variables fit the model as given.
   """
   model: nn.Module
   recipe: Recipe
   normalization: Normalization
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "model",
+                       with_precision(self.model, getattr(self.recipe, "precision", "f32")))
 
   @functools.cached_property
   def _static(self) -> tuple:
@@ -506,6 +517,7 @@ class SGDConfig:
   crop_padding: int = 4
   flip: bool = False
   train_mode: bool = True
+  precision: Precision = "f32"  # products in f32, or bf16 with f32 accumulation
 
   def __post_init__(self) -> None:
     check_recipe_fields(self, ("learning_rate", "weight_decay"))

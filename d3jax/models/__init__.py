@@ -14,6 +14,7 @@ from typing import Any
 import flax.linen as nn
 
 from d3jax.models.conv import LOWERINGS, Conv
+from d3jax.models.precision import PRECISIONS, with_precision
 from d3jax.models.preact_resnet import PreActBlock, PreActResNet18
 from d3jax.models.small_cnn import SmallCNN
 from d3jax.models.vgg import VGG, adaptive_avg_pool
@@ -39,6 +40,8 @@ def _is_int(value: Any) -> bool:
 def _check_option(name: str, key: str, value: Any) -> None:
   if key == "conv":
     valid, expected = value in LOWERINGS, f"one of {LOWERINGS}"
+  elif key == "precision":
+    valid, expected = value in PRECISIONS, f"one of {PRECISIONS}"
   elif key == "small_input":
     valid, expected = isinstance(value, bool), "True or False"
   else:  # width, depth, ...: positive integers (those of _OPTIONAL may also be None)
@@ -54,7 +57,9 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   Options: ``small_cnn``: width=32; ``preact_resnet18``: width=64;
   ``vgg11``/``vgg19_bn``: width=64, small_input=False, hidden=None; ``vit``: patch_size=16,
   width=768, depth=12, heads=12, mlp_dim=None, resize=None (``vit_b16``: resize only). Every model takes
-  ``conv="auto" | "lax" | "im2col" | "winograd"``, the convolution lowering (:mod:`d3jax.models.conv`).
+  ``conv="auto" | "lax" | "im2col" | "winograd"``, the convolution lowering (:mod:`d3jax.models.conv`),
+  and ``precision="f32" | "bf16"``, the products' precision (:mod:`d3jax.models.precision`; a
+  training recipe's ``precision`` field sets it for that training only).
 
   Raises:
     ValueError: unknown name, num_classes < 2, an unknown option or an invalid value.
@@ -74,5 +79,5 @@ def get_model(name: str, num_classes: int, **options: Any) -> nn.Module:
   return cls(num_classes=num_classes, **fixed, **options)
 
 
-__all__ = ["Conv", "LOWERINGS", "MODELS", "PreActBlock", "PreActResNet18", "SmallCNN", "VGG", "ViT",
-           "adaptive_avg_pool", "get_model"]
+__all__ = ["Conv", "LOWERINGS", "MODELS", "PRECISIONS", "PreActBlock", "PreActResNet18", "SmallCNN", "VGG", "ViT",
+           "adaptive_avg_pool", "get_model", "with_precision"]

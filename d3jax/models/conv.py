@@ -18,6 +18,10 @@ function:
   multiplications, and a transformed input 4× (not 9×) the input's size. Other convolutions of the
   model use im2col.
 
+Under ``precision="bf16"`` (:mod:`d3jax.models.precision`) every lowering rounds the inputs of its
+products (patches and kernel; Winograd's transformed planes; lax's input and kernel) to bfloat16
+and accumulates in float32; the additions of Winograd's transforms stay float32.
+
 ``"auto"`` (the default) picks lax on GPU/TPU, and on the CPU backend Winograd where it applies and
 the layer has at least :data:`WINOGRAD_MIN_CHANNELS` input channels, im2col elsewhere (decided at
 trace time, per layer).
@@ -30,6 +34,8 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from d3jax.models.precision import accumulation, matmul, product_inputs
 
 LOWERINGS = ("auto", "lax", "im2col", "winograd")
 # "auto" uses Winograd on CPU from this many input channels. One layer's forward and backward ran
@@ -106,9 +112,10 @@ def im2col_patches(x: jax.Array, kernel_size: tuple[int, int], strides: tuple[in
   return patches.reshape(n * ho * wo, kh * kw * cin), (n, ho, wo)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-                padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+                padding: tuple[tuple[int, int], tuple[int, int]], precision: str = "f32"
+                ) -> jax.Array:
   """NHWC convolution (cross-correlation, as ``lax.conv_general_dilated``) as patches @ kernel
   (:func:`im2col_patches`). Jitted, so that eager (un-jitted) model calls run one compiled
   program per convolution instead of dispatching every slice; inside a traced function it is
@@ -116,7 +123,7 @@ def im2col_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   """
   kh, kw, cin, cout = kernel.shape
   patches, (n, ho, wo) = im2col_patches(x, (kh, kw), strides, padding)
-  return (patches @ kernel.reshape(kh * kw * cin, cout)).reshape(n, ho, wo, cout)
+  return matmul(patches, kernel.reshape(kh * kw * cin, cout), precision).reshape(n, ho, wo, cout)
 
 
 # Winograd F(2×2, 3×3), Lavin & Gray (CVPR 2016), Sec. 4: for a 4×4 input tile d and a 3×3 kernel g,
@@ -173,28 +180,33 @@ def _tile_planes(pairs: jax.Array, th: int, tw: int) -> list[list[jax.Array]]:
           for i in range(4)]
 
 
-def _winograd_forward(x: jax.Array, kernel: jax.Array):
+def _winograd_forward(x: jax.Array, kernel: jax.Array, precision: str):
   n, h, w, cin = x.shape
   th, tw = h // 2, w // 2
   pairs = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).reshape(n, th + 1, 2, tw + 1, 2, cin)
-  v = [plane.reshape(-1, cin) for plane in _bilinear(_BT, _BT, _tile_planes(pairs, th, tw))]
-  u = jnp.stack(_bilinear(_G, _G, _rows(list(kernel.reshape((9,) + kernel.shape[2:])), 3)))
-  m = [(v[t] @ u[t]).reshape(n, th, tw, -1) for t in range(16)]
+  v = product_inputs(precision, *[plane.reshape(-1, cin)
+                                   for plane in _bilinear(_BT, _BT, _tile_planes(pairs, th, tw))])
+  u, = product_inputs(precision, jnp.stack(
+      _bilinear(_G, _G, _rows(list(kernel.reshape((9,) + kernel.shape[2:])), 3))))
+  m = [jnp.matmul(v[t], u[t], **accumulation(precision)).reshape(n, th, tw, -1) for t in range(16)]
   return _interleave(_bilinear(_AT, _AT, _rows(m, 4))), (v, u)
 
 
-def _winograd_backward(residuals, dy: jax.Array):
+def _winograd_backward(precision: str, residuals, dy: jax.Array):
   """dM = Aᵀ's transpose applied to dy, dV = dM Uᵀ and dU = Vᵀ dM per plane, then the transposed
-  kernel transform and the transposed input transform, whose overlapping tiles are summed."""
+  kernel transform and the transposed input transform, whose overlapping tiles are summed. Under
+  bf16 the residuals V and U are already rounded and dM is rounded before its products."""
   v, u = residuals
   n, h, w, cout = dy.shape
   th, tw, cin = h // 2, w // 2, u.shape[1]
   pairs = dy.reshape(n, th, 2, tw, 2, cout)
   dy_planes = [[pairs[:, :, p, :, q] for q in range(2)] for p in range(2)]
-  dm = [plane.reshape(-1, cout) for plane in _bilinear(_A, _A, dy_planes)]
-  du = [v[t].T @ dm[t] for t in range(16)]
+  dm = product_inputs(precision, *[plane.reshape(-1, cout)
+                                    for plane in _bilinear(_A, _A, dy_planes)])
+  du = [jnp.matmul(v[t].T, dm[t], **accumulation(precision)) for t in range(16)]
   dkernel = jnp.stack(_bilinear(_GT, _GT, _rows(du, 4)))
-  dv = [(dm[t] @ u[t].T).reshape(n, th, tw, cin) for t in range(16)]
+  dv = [jnp.matmul(dm[t], u[t].T, **accumulation(precision)).reshape(n, th, tw, cin)
+        for t in range(16)]
   tile = _rows(_bilinear(_B, _B, _rows(dv, 4)), 4)
   rows = [[_overlap_add(tile[s][j], tile[s + 2][j], 1) for j in range(4)] for s in range(2)]
   dxp = _interleave([_overlap_add(rows[s][t], rows[s][t + 2], 2)
@@ -202,14 +214,14 @@ def _winograd_backward(residuals, dy: jax.Array):
   return dxp[:, 1:-1, 1:-1], dkernel.reshape((3, 3, cin, cout))
 
 
-@jax.custom_vjp
-def winograd_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def winograd_conv(x: jax.Array, kernel: jax.Array, precision: str = "f32") -> jax.Array:
   """A 3×3 stride-1 NHWC convolution padded by one pixel (even H and W, see
   :func:`winograd_applies`) by Winograd's F(2×2, 3×3); the same function as ``im2col_conv``.
   The custom VJP writes each transposed transform as ±sums of slices too; left to autodiff, the
   slices' transposes become separate padded copies (an autodiff version, its planes stacked,
   measured 1.5–1.6× slower per layer, benchmarks/RESULTS.md)."""
-  return _winograd_forward(x, kernel)[0]
+  return _winograd_forward(x, kernel, precision)[0]
 
 
 winograd_conv.defvjp(_winograd_forward, _winograd_backward)
@@ -219,7 +231,7 @@ class Conv(nn.Module):
   """``nn.Conv`` for NHWC inputs with a selectable lowering (see the module docstring).
 
   Supports what d3jax's models use: 2-D kernels, strides, "VALID"/"SAME"/explicit padding,
-  optional bias, no dilation or feature groups.
+  optional bias, no dilation or feature groups; ``precision`` "f32" or "bf16" (module docstring).
   """
 
   features: int
@@ -230,6 +242,7 @@ class Conv(nn.Module):
   kernel_init: Callable[..., jax.Array] = nn.initializers.lecun_normal()
   bias_init: Callable[..., jax.Array] = nn.initializers.zeros_init()
   lowering: str = "auto"
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -239,12 +252,13 @@ class Conv(nn.Module):
     padding = explicit_padding(self.padding, kernel_size, strides, x.shape[1:3])
     lowering = layer_lowering(self.lowering, x.shape, kernel.shape, strides, padding)
     if lowering == "winograd":
-      y = winograd_conv(x, kernel)
+      y = winograd_conv(x, kernel, self.precision)
     elif lowering == "im2col":
-      y = im2col_conv(x, kernel, strides, padding)
+      y = im2col_conv(x, kernel, strides, padding, self.precision)
     else:
-      y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      y = jax.lax.conv_general_dilated(*product_inputs(self.precision, x, kernel), strides, padding,
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                       **accumulation(self.precision))
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,))
     return y

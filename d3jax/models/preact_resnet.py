@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from d3jax.models.conv import Conv
+from d3jax.models.precision import dense
 
 # PyTorch's default Conv/Linear weight init, kaiming_uniform(a=√5): U(±1/√fan_in).
 kaiming_uniform: nn.initializers.Initializer = nn.initializers.variance_scaling(
@@ -47,10 +48,17 @@ def batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def conv3x3(features: int, stride: int, name: str, lowering: str = "auto") -> Conv:
+def conv3x3(features: int, stride: int, name: str, lowering: str = "auto",
+            precision: str = "f32") -> Conv:
   """3×3 conv, padding 1 on every side, no bias, PyTorch init."""
   return Conv(features, (3, 3), strides=stride, padding=_PAD1, use_bias=False,
-              kernel_init=kaiming_uniform, lowering=lowering, name=name)
+              kernel_init=kaiming_uniform, lowering=lowering, precision=precision, name=name)
+
+
+def linear_head(num_classes: int, features: jax.Array, precision: str) -> nn.Dense:
+  """The ``linear`` classifier head with PyTorch's Linear init for ``features``' width."""
+  return dense(num_classes, "linear", precision, kernel_init=kaiming_uniform,
+               bias_init=linear_bias_init(features.shape[-1]))
 
 
 def check_images(x: jax.Array, min_size: int, model: str) -> None:
@@ -78,18 +86,20 @@ class PreActBlock(nn.Module):
   planes: int
   stride: int = 1
   conv: str = "auto"
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     a = nn.relu(batch_norm(train, "bn1")(x))
     if self.stride != 1 or x.shape[-1] != self.planes:
       shortcut = Conv(self.planes, (1, 1), strides=self.stride, padding="VALID", use_bias=False,
-                      kernel_init=kaiming_uniform, lowering=self.conv, name="shortcut")(a)
+                      kernel_init=kaiming_uniform, lowering=self.conv, precision=self.precision,
+                      name="shortcut")(a)
     else:
       shortcut = x
-    out = conv3x3(self.planes, self.stride, "conv1", self.conv)(a)
+    out = conv3x3(self.planes, self.stride, "conv1", self.conv, self.precision)(a)
     out = nn.relu(batch_norm(train, "bn2")(out))
-    out = conv3x3(self.planes, 1, "conv2", self.conv)(out)
+    out = conv3x3(self.planes, 1, "conv2", self.conv, self.precision)(out)
     return out + shortcut
 
 
@@ -101,6 +111,7 @@ class PreActResNet18(nn.Module):
     width: channels of the stem and of stage 1; stages use width × (1, 2, 4, 8). With width 64
       and 3-channel input there are 11,171,146 trainable parameters for C = 10.
     conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
+    precision: the products' precision, "f32" | "bf16" (:mod:`d3jax.models.precision`).
     attention_layers: the stage outputs an attention-distillation defense (NAD) reads by default:
       stages 3 and 4, BackdoorBench's choice for this model.
   """
@@ -110,18 +121,18 @@ class PreActResNet18(nn.Module):
   num_classes: int
   width: int = 64
   conv: str = "auto"
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Maps normalized NHWC float images to logits (N, num_classes)."""
     check_images(x, 1, "preact_resnet18")
-    out = conv3x3(self.width, 1, "conv1", self.conv)(x)
+    out = conv3x3(self.width, 1, "conv1", self.conv, self.precision)(x)
     for stage, (multiple, stride) in enumerate(zip((1, 2, 4, 8), (1, 2, 2, 2)), start=1):
       for index in range(2):
         block = PreActBlock(self.width * multiple, stride if index == 0 else 1, self.conv,
-                            name=f"layer{stage}_{index}")
+                            self.precision, name=f"layer{stage}_{index}")
         out = block(out, train)
     features = jnp.mean(out, axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=kaiming_uniform,
-                    bias_init=linear_bias_init(features.shape[-1]), name="linear")(features)
+    return linear_head(self.num_classes, features, self.precision)(features)
 

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from d3jax.models.conv import max_pool_2x2
-from d3jax.models.preact_resnet import (batch_norm, check_images, conv3x3, kaiming_uniform,
-                                        linear_bias_init)
+from d3jax.models.preact_resnet import batch_norm, check_images, conv3x3, linear_head
 
 
 class SmallCNN(nn.Module):
@@ -29,6 +28,7 @@ class SmallCNN(nn.Module):
     num_classes: number of output logits C.
     width: channels of the first stage; the second stage has 2·width.
     conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
+    precision: the products' precision, "f32" | "bf16" (:mod:`d3jax.models.precision`).
     attention_layers: the stage outputs an attention-distillation defense (NAD) reads by default:
       the last BN of each stage, before its ReLU.
   """
@@ -38,6 +38,7 @@ class SmallCNN(nn.Module):
   num_classes: int
   width: int = 32
   conv: str = "auto"
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -45,10 +46,9 @@ class SmallCNN(nn.Module):
     check_images(x, 4, "small_cnn")
     features = (self.width, self.width, 2 * self.width, 2 * self.width)
     for index, channels in enumerate(features, start=1):
-      x = conv3x3(channels, 1, f"conv{index}", self.conv)(x)
+      x = conv3x3(channels, 1, f"conv{index}", self.conv, self.precision)(x)
       x = nn.relu(batch_norm(train, f"bn{index}")(x))
       if index % 2 == 0:
         x = max_pool_2x2(x)
     x = jnp.mean(x, axis=(1, 2))
-    return nn.Dense(self.num_classes, kernel_init=kaiming_uniform,
-                    bias_init=linear_bias_init(x.shape[-1]), name="linear")(x)
+    return linear_head(self.num_classes, x, self.precision)(x)

@@ -26,6 +26,7 @@ import numpy as np
 
 from d3jax.models import preact_resnet
 from d3jax.models.conv import Conv, max_pool_2x2
+from d3jax.models.precision import dense
 
 # Conv channels as multiples of width (width 64 ⇒ 64, 128, 256, 512); "M" = 2×2 max pool.
 CONFIGS: dict[int, tuple[int | str, ...]] = {
@@ -63,6 +64,7 @@ class VGG(nn.Module):
     small_input: pool the features to 1×1 instead of 7×7 (see the module docstring).
     hidden: classifier hidden size; None ⇒ 4096, or 512 when ``small_input``.
     conv: the convolution lowering, "auto" | "lax" | "im2col" | "winograd" (:mod:`d3jax.models.conv`).
+    precision: the products' precision, "f32" | "bf16" (:mod:`d3jax.models.precision`).
     attention_layers: none: an attention-distillation defense (NAD) needs its layers given.
   """
 
@@ -75,6 +77,7 @@ class VGG(nn.Module):
   small_input: bool = False
   hidden: int | None = None
   conv: str = "auto"
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -89,7 +92,7 @@ class VGG(nn.Module):
         continue
       index += 1
       x = Conv(entry * self.width, (3, 3), padding=((1, 1), (1, 1)), kernel_init=_conv_init,
-               lowering=self.conv, name=f"conv{index}")(x)
+               lowering=self.conv, precision=self.precision, name=f"conv{index}")(x)
       if self.batch_norm:
         x = preact_resnet.batch_norm(train, f"bn{index}")(x)
       x = nn.relu(x)
@@ -97,6 +100,6 @@ class VGG(nn.Module):
     x = x.reshape(x.shape[0], -1)
     hidden = self.hidden or (512 if self.small_input else 4096)
     for name in ("fc1", "fc2"):
-      x = nn.relu(nn.Dense(hidden, kernel_init=_dense_init, name=name)(x))
+      x = nn.relu(dense(hidden, name, self.precision, kernel_init=_dense_init)(x))
       x = nn.Dropout(0.5, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, kernel_init=_dense_init, name="linear")(x)
+    return dense(self.num_classes, "linear", self.precision, kernel_init=_dense_init)(x)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from d3jax.models.conv import Conv
+from d3jax.models.precision import dense
 from d3jax.models.preact_resnet import check_images
 
 _xavier = nn.initializers.xavier_uniform()
@@ -35,16 +36,17 @@ class SelfAttention(nn.Module):
   ``in_proj_weight``) and an ``out`` projection."""
 
   heads: int
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, tokens, width = x.shape
     head_dim = width // self.heads
-    qkv = nn.Dense(3 * width, kernel_init=_xavier, name="qkv")(x)
+    qkv = dense(3 * width, "qkv", self.precision, kernel_init=_xavier)(x)
     q, k, v = jnp.moveaxis(qkv.reshape(batch, tokens, 3, self.heads, head_dim), 2, 0)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(x.dtype)
     attended = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-    return nn.Dense(width, name="out")(attended.reshape(batch, tokens, width))
+    return dense(width, "out", self.precision)(attended.reshape(batch, tokens, width))
 
 
 class EncoderBlock(nn.Module):
@@ -52,13 +54,15 @@ class EncoderBlock(nn.Module):
 
   heads: int
   mlp_dim: int
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = x + SelfAttention(self.heads, name="attention")(nn.LayerNorm(1e-6, name="ln_1")(x))
-    h = nn.Dense(self.mlp_dim, kernel_init=_xavier, bias_init=_tiny_bias, name="mlp1")(
+    y = x + SelfAttention(self.heads, self.precision, name="attention")(
+        nn.LayerNorm(1e-6, name="ln_1")(x))
+    h = dense(self.mlp_dim, "mlp1", self.precision, kernel_init=_xavier, bias_init=_tiny_bias)(
         nn.LayerNorm(1e-6, name="ln_2")(y))
-    h = nn.Dense(x.shape[-1], kernel_init=_xavier, bias_init=_tiny_bias, name="mlp2")(
+    h = dense(x.shape[-1], "mlp2", self.precision, kernel_init=_xavier, bias_init=_tiny_bias)(
         nn.gelu(h, approximate=False))
     return y + h
 
@@ -76,6 +80,8 @@ class ViT(nn.Module):
     resize: resize images bilinearly to ``resize`` × ``resize`` first (BackdoorBench: 224); None
       keeps the input size.
     conv: the lowering of the patch convolution (:mod:`d3jax.models.conv`).
+    precision: the products' precision, "f32" | "bf16" (:mod:`d3jax.models.precision`): the patch
+      convolution and every Dense layer; the attention scores and their weighted sum stay f32.
     attention_layers: none: an attention-distillation defense (NAD) needs its layers given.
   """
 
@@ -89,6 +95,7 @@ class ViT(nn.Module):
   mlp_dim: int | None = None
   resize: int | None = None
   conv: str = "auto"
+  precision: str = "f32"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -104,14 +111,15 @@ class ViT(nn.Module):
     fan_in = self.patch_size ** 2 * x.shape[-1]
     patches = Conv(self.width, (self.patch_size, self.patch_size), strides=self.patch_size,
                    padding="VALID", kernel_init=nn.initializers.truncated_normal(fan_in ** -0.5),
-                   lowering=self.conv, name="conv_proj")(x)
+                   lowering=self.conv, precision=self.precision, name="conv_proj")(x)
     tokens = patches.reshape(x.shape[0], -1, self.width)
     cls = self.param("class_token", nn.initializers.zeros_init(), (1, 1, self.width))
     tokens = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.width)), tokens], 1)
     tokens = tokens + self.param("pos_embedding", nn.initializers.normal(0.02),
                                  (1, tokens.shape[1], self.width))
     for index in range(self.depth):
-      tokens = EncoderBlock(self.heads, self.mlp_dim or 4 * self.width, name=f"block{index}")(tokens)
+      tokens = EncoderBlock(self.heads, self.mlp_dim or 4 * self.width, self.precision,
+                            name=f"block{index}")(tokens)
     features = nn.LayerNorm(1e-6, name="ln")(tokens)[:, 0]
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros_init(), name="linear")(
-        features)
+    return dense(self.num_classes, "linear", self.precision,
+                 kernel_init=nn.initializers.zeros_init())(features)
