@@ -145,14 +145,16 @@ def test_bf16_needs_a_model_with_a_precision_field():
 @pytest.mark.slow
 def test_bf16_d3_on_the_demo_badnets_model_lands_within_seed_noise_of_f32(capsys):
   """The demo's BadNets model (mnist5k, small CNN width 16), the demo's D3 (paper preset, batch
-  32), reserved sets and training seeds 0–2, f32 and bf16. The rule is the differential run's:
-  the means agree when they differ by at most max(3 points, 2 × the larger seed sd)."""
+  32), reserved sets and training seeds 0–1, f32 and bf16. The rule is the differential run's:
+  the means agree when they differ by at most max(3 points, 2 × the larger seed sd). Measured
+  with seeds 0–2 (AMD EPYC): ACC f32 95.0/94.5/92.6, bf16 95.2/94.5/92.8; ASR f32 0.7/0.6/3.6,
+  bf16 0.6/0.6/3.4 — mean differences 0.13 (ACC) and 0.10 (ASR) points."""
   from d3jax.workflows import demo, pipeline
 
   backdoored = pipeline.attack(dataclasses.replace(demo.DEMO_RUN, attack="badnets"), progress=False)
   rows = {p: [pipeline.defense_row(backdoored, "d3", dataclasses.replace(demo.DEFENSES["d3"],
                                                                           precision=p),
-                                   seed=seed, progress=False)[0] for seed in range(3)]
+                                   seed=seed, progress=False)[0] for seed in range(2)]
           for p in PRECISIONS}
   with capsys.disabled():
     for metric in ("acc", "asr"):
