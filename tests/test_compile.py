@@ -117,3 +117,18 @@ print('HITS', len(hits))
           for _ in range(2)]
   first, second = (int(run.stdout.split("HITS")[1]) for run in runs)
   assert first == 0 and second > 0
+
+
+def test_first_sweep_after_a_defend_compiles_only_its_two_programs(model, variables, tiny_set,
+                                                                   rbg_key):
+  """After a warm `defend`, a first sweep of the same config compiles its grid's init and its
+  grid's epoch and nothing else: the grid's hyperparameters are built on the host, so no eager
+  device operation compiles a small program of its own (11 of them did before)."""
+  x, y = tiny_set[0][:41], tiny_set[1][:41]  # a data shape no other test uses
+  config = tiny_d3(batch_size=11)
+  defenses.defend("d3", model, variables, x, y, normalization=NORM, key=rbg_key, config=config,
+                  progress=False)
+  with backend_compiles() as seen:
+    sweep("d3", model, variables, x, y, normalization=NORM, key=rbg_key, config=config,
+          grid={"lmd": [0.5, 1.0, 5.0], "eps": [0.1, 0.2]}, progress=False)
+  assert len(seen) == 2

@@ -35,9 +35,11 @@ from d3jax.engine.train import Normalization, Program, TrainState, fit, grid_axe
 PyTree = Any
 
 
-def grid_points(defaults: Mapping[str, Any], grid: Mapping[str, Sequence[float]]) -> dict[str, jax.Array]:
+def grid_points(defaults: Mapping[str, Any], grid: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
   """Hyperparameter arrays of shape (G,) over the cartesian product of ``grid`` (row-major in the
-  order of ``grid``'s keys); names not in ``grid`` keep their default."""
+  order of ``grid``'s keys); names not in ``grid`` keep their default. Host (NumPy) float32 arrays:
+  built and indexed without dispatching eager device operations, each of which would compile a
+  small program of its own on the first sweep of a process."""
   unknown = sorted(set(grid) - set(defaults))
   if unknown:
     raise ValueError(f"cannot sweep {unknown}: the sweepable hyperparameters are {sorted(defaults)}.")
@@ -48,8 +50,8 @@ def grid_points(defaults: Mapping[str, Any], grid: Mapping[str, Sequence[float]]
   points = list(itertools.product(*(grid[name] for name in names)))
   if not points:
     raise ValueError("the grid is empty: give at least one value for each swept hyperparameter.")
-  columns = {name: jnp.asarray([p[i] for p in points], jnp.float32) for i, name in enumerate(names)}
-  return {name: columns.get(name, jnp.full((len(points),), value, jnp.float32))
+  columns = {name: np.asarray([p[i] for p in points], np.float32) for i, name in enumerate(names)}
+  return {name: columns.get(name, np.full((len(points),), np.asarray(value), np.float32))
           for name, value in defaults.items()}
 
 
@@ -95,7 +97,7 @@ def sweep(name: str, model: nn.Module, variables: Any, images: np.ndarray, label
   if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
     raise ValueError(f"seeds must be an integer ≥ 1, got {seeds!r}.")
   points = grid_points(defense.recipe.hyperparams(), grid)
-  hparams = {k: jnp.repeat(v, seeds) for k, v in points.items()}
+  hparams = {k: np.repeat(v, seeds) for k, v in points.items()}
   runs = len(next(iter(hparams.values())))
   seed_of_run = np.tile(np.arange(seeds), runs // seeds)
   axes = grid_axes(shared_key=seeds == 1)
